@@ -1,0 +1,46 @@
+"""Shared fixtures: a tokenizer trained in-process and tiny Llama models built from a config (offline, CPU)."""
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+torch.set_num_threads(2)
+
+FIXTURES = os.path.join(ROOT, "tests", "fixtures")
+
+CORPUS = [
+    "\n\nHuman: What is the capital of France?\n\nAssistant: The capital of France is Paris.",
+    "\n\nHuman: How do I boil an egg?\n\nAssistant: Put it in boiling water for nine minutes.",
+    "Write a haiku (three lines of 5, 7 and 5 syllables) that includes the words: snow, moon.",
+    "silent snow falling\nthe moon hides behind the pines\nwinter night is long",
+    "HISTORY, for $200: This man was the first president of the United States. George Washington",
+    "Science, for $400: The chemical symbol for gold. Au. gold silver copper iron",
+] * 20
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from train import build_tiny_tokenizer
+    import tempfile
+    return build_tiny_tokenizer(CORPUS, 600, tempfile.mkdtemp())
+
+
+def make_tiny_model(tokenizer, seed=0, hidden=32, layers=2, dropout=0.0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=256,
+                         attention_dropout=dropout, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture
+def tiny_model(tokenizer):
+    return make_tiny_model(tokenizer)

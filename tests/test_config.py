@@ -1,0 +1,83 @@
+"""The public command line: the seed commands parse, and bad configs fail in one line before any model loads."""
+import os
+import subprocess
+import sys
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from conftest import ROOT
+from train import check_config, check_model_preset
+from utils import ConfigError
+
+SEED_COMMANDS = [
+    "model=gpt2-large datasets=[hh] loss=dpo loss.beta=0.1 model.archive=sft_policy.pt exp_name=hh_borda_gpt2-large "
+    "gradient_accumulation_steps=2 batch_size=32 eval_batch_size=16 trainer=BasicTrainer sample_during_eval=true "
+    "online=true selection_strategy=borda",
+    "model=gpt2-large datasets=[hh] loss=dpo loss.beta=0.1 model.archive=sft_policy.pt exp_name=hh_uniref_gpt2-large "
+    "gradient_accumulation_steps=2 batch_size=32 eval_batch_size=16 trainer=BasicTrainer sample_during_eval=true "
+    "online=true selection_ratio=1 selection_strategy=uniref",
+    "model=gpt2-large datasets=[hh] loss=dpo loss.beta=0.1 model.archive=sft_policy exp_name=hh_ae_gpt2-large "
+    "gradient_accumulation_steps=2 batch_size=32 eval_batch_size=16 trainer=BasicTrainer sample_during_eval=true "
+    "pretrain_fraction=0.3 active=true qlora=true selection_strategy=ae",
+    "model=gpt2-large datasets=[hh] loss=dpo loss.beta=0.1 model.archive=sft_policy exp_name=hh_us_gpt2-large "
+    "gradient_accumulation_steps=2 batch_size=32 eval_batch_size=16 trainer=BasicTrainer sample_during_eval=true "
+    "pretrain_fraction=0.3 active=true qlora=true selection_strategy=us",
+    "model=pythia28 datasets=[hh] loss=sft exp_name=sft_pythia",
+]
+
+
+def compose_config(overrides):
+    with initialize_config_dir(config_dir=os.path.join(ROOT, "config"), version_base=None):
+        return compose(config_name="config", overrides=overrides)
+
+
+@pytest.mark.parametrize("command", SEED_COMMANDS)
+def test_seed_commands_parse_and_pass_checks(command):
+    config = compose_config(command.split())
+    check_config(config)
+    assert config.loss.name in ("dpo", "sft")
+
+
+def test_demo_preset_passes_checks():
+    config = compose_config(["experiment=demo"])
+    check_config(config)
+    assert config.online and config.selection_strategy == "borda" and config.model.name == "smollm2-135m"
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["loss=dpo", "active=true", "selection_strategy=bogus"], "selection_strategy=bogus is not allowed with active=true; allowed: uniform, us, ae"),
+    (["loss=dpo", "online=true", "selection_strategy=ae"], "allowed: uniref, borda"),
+    (["loss=dpo", "active=true", "selection_ratio=0"], "selection_ratio=0 must be an integer >= 1"),
+    (["loss=dpo", "online=true", "selection_strategy=uniref", "selection_ratio=3"], "uniref requires selection_ratio=1"),
+    (["loss=dpo", "active=true", "online=true"], "active=true and online=true are exclusive"),
+    (["loss=sft", "active=true"], "loss=sft cannot be combined"),
+    (["loss=dpo", "optimizer=Bogus"], "optimizer=Bogus is not a torch.optim class"),
+    (["loss=dpo", "datasets=[nope]"], "datasets: nope is neither a known dataset"),
+    (["loss=dpo", "datasets=[haikus]"], "has no preference pairs"),
+    (["model=blank_model"], "required key model.name_or_path is missing"),
+])
+def test_config_errors_are_one_line(overrides, needle):
+    overrides = overrides + ([] if any(o.startswith("exp_name") for o in overrides) else ["exp_name=x"])
+    with pytest.raises(ConfigError) as err:
+        check_config(compose_config(overrides))
+    assert needle in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_exp_name_is_named():
+    with pytest.raises(ConfigError, match="exp_name"):
+        check_config(compose_config([]))
+
+
+def test_unknown_model_preset_is_one_line():
+    with pytest.raises(ConfigError, match="model=gpt5 is not a preset; available: .*tiny"):
+        check_model_preset(["model=gpt5"])
+
+
+def test_cli_prints_one_line_and_exits_2(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
+    result = subprocess.run([sys.executable, "train.py", "loss=sft", "active=true", "exp_name=x"],
+                            cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["error: loss=sft cannot be combined with active=true or online=true; use loss=dpo (or ipo)"]
