@@ -327,7 +327,7 @@ class OnlineSource:
                              keywords=pool[i][2].keywords) for i, (a, b) in zip(keep, pairs)]
             judgments = judge_with_budget(self.oracle, queries, self.ledger, cfg.oracle.get("max_queries"))
             times["time/oracle_s"] = time.time() - t0
-            elements = []
+            elements, labelled = [], []
             for slot, (i, (a, b), judgment) in enumerate(zip(keep, pairs, judgments)):
                 if judgment.winner is None:
                     self.failures += 1
@@ -336,6 +336,7 @@ class OnlineSource:
                     continue
                 winner, loser = (a, b) if judgment.winner == "A" else (b, a)
                 name, prompt, _ = pool[i]
+                labelled.append([prompt, winner, loser])
                 element = self.make_element(name, prompt, winner, loser)
                 if reference_logps is not None:
                     ref_a, ref_b = reference_logps[slot]
@@ -344,7 +345,7 @@ class OnlineSource:
                 elements.append(element)
             self.labels += len(elements)
             info.update(times)
-            info.update({"labels": len(elements), "counters/labels_bought": self.labels,
+            info.update({"labels": len(elements), "pairs": labelled, "counters/labels_bought": self.labels,
                          "counters/oracle_failures": self.failures, "counters/prompts_seen": self.consumed,
                          "counters/candidates_scored": self.scored})
             if elements:

@@ -210,6 +210,7 @@ def load_model(config: DictConfig, tokenizer, dtype_name: str, quantize_4bit: bo
                 from peft import PeftModel  # a LoRA stage followed by full fine-tuning: fold the adapter in
                 model = PeftModel.from_pretrained(model, os.path.join(directory, "adapter")).merge_and_unload()
         else:
+            from trainers import load_archive
             load_archive(model, directory)
     model.eval()
     return model
@@ -225,31 +226,18 @@ def quantize_tiny(model, quantization_config):
                                                     dtype=quantization_config.bnb_4bit_compute_dtype)
 
 
-def load_archive(model, directory: str) -> None:
-    """Load policy.pt strictly, with one line naming what does not match."""
-    path = os.path.join(directory, "policy.pt")
-    if not os.path.exists(path):
-        raise ConfigError(f"model.archive: {directory} holds no policy.pt")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    mismatched = [k for k in expected if k in state and state[k].shape != expected[k].shape]
-    if missing or unexpected or mismatched:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
-        if mismatched:
-            k = mismatched[0]
-            parts.append(f"{len(mismatched)} shape mismatches (e.g. {k}: archive {tuple(state[k].shape)} vs model {tuple(expected[k].shape)})")
-        raise ConfigError(f"model.archive={path} does not match model={model.config.model_type}: " + "; ".join(parts))
-    model.load_state_dict(state, strict=True)
-
-
 # ----------------------------------------------------------------------------------------------
 # Run directory and logging
+
+def resume_config(run_dir: str) -> DictConfig:
+    """`resume=RUN_DIR` continues with the run's own saved config (other overrides are not applied)."""
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.exists(path):
+        raise ConfigError(f"resume={run_dir}: no config.yaml there (expected a run directory made by train.py)")
+    config = OmegaConf.load(path)
+    config.resume = run_dir
+    return config
+
 
 def make_run_dir(config: DictConfig) -> str:
     if config.resume:
@@ -365,6 +353,8 @@ def add_lora(model, config: DictConfig):
 @hydra.main(version_base=None, config_path="config", config_name="config")
 def main(config: DictConfig) -> None:
     try:
+        if config.resume:
+            config = resume_config(config.resume)
         main_with(config)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from scoring import response_logps
-from utils import append_jsonl, atomic_write_text, pad_to_length, rng_state, set_rng_state
+from utils import ConfigError, append_jsonl, atomic_write_text, pad_to_length, read_jsonl, rng_state, set_rng_state
 
 
 # ----------------------------------------------------------------------------------------------
@@ -149,8 +149,7 @@ class BasicTrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
         self.step = 0
         self.example_counter = 0
-        self.next_eval = 0 if config.do_first_eval else int(config.eval_every)
-        self.history: List[Dict] = []
+        self.next_eval = int(config.eval_every)
         if state is not None:
             self.load_state(state)
 
@@ -229,7 +228,7 @@ class BasicTrainer:
             for k, v in metrics.items():
                 collected[k].append(v.float().cpu())
         results = {k: torch.cat(v).mean().item() for k, v in collected.items()}
-        if self.config.sample_during_eval and self.sampler is not None:
+        if self.sampler is not None:
             results.update(self.sampler(self))
         return results
 
@@ -238,42 +237,54 @@ class BasicTrainer:
     def log(self, metrics: Dict[str, float]) -> None:
         record = {"step": self.step, "labels": self.example_counter, **metrics}
         append_jsonl(os.path.join(self.run_dir, "metrics.jsonl"), record)
-        self.history.append(record)
-        self.logger.log(metrics, step=self.example_counter)
+        self.logger.log({k: v for k, v in metrics.items() if k != "split"}, step=self.example_counter)
+
+    def evaluate_and_log(self) -> Dict[str, float]:
+        results = self.evaluate()
+        self.log({"split": "eval", **results})
+        return results
 
     def train(self) -> Dict:
-        """Run to the end of the batch source; returns the summary (also written to summary.json)."""
-        budget = self.config.n_examples
-        first_eval = last_eval = None
-        progress = tqdm(total=budget, initial=self.example_counter, desc=f"{self.loss_name} ({self.config.exp_name})",
-                        unit="label" if self.loss_name != "sft" else "ex", dynamic_ncols=True)
+        """Run to the end of the batch source (or the label budget), evaluating and checkpointing every
+        `eval_every` labels and at the end; returns the summary (also written to summary.json).
+
+        Checkpoints are taken between steps, while the batch source is suspended right after the
+        batch it last produced, so a resumed run draws exactly the batches the uninterrupted one would."""
         start = time.time()
+        progress = tqdm(total=self.config.n_examples, initial=self.example_counter, dynamic_ncols=True,
+                        desc=f"{self.loss_name} ({self.config.exp_name})", unit="label" if self.loss_name != "sft" else "ex")
+        last_eval_at = None
+        if self.step == 0 and self.config.do_first_eval:
+            self.evaluate_and_log()
+            last_eval_at = 0
         for batch, info in self.batch_source:
-            if self.example_counter >= self.next_eval:
-                last_eval = self.evaluate()
-                first_eval = first_eval or last_eval
-                self.log(last_eval)
-                if self.example_counter > 0:
-                    self.save()
-                self.next_eval = self.example_counter + int(self.config.eval_every)
             t0 = time.time()
             metrics = self.train_step(batch)
             metrics["time/step_s"] = time.time() - t0
+            labels = int(info.get("labels", batch["chosen_input_ids"].shape[0]))
             self.step += 1
-            self.example_counter += int(info.get("labels", batch["chosen_input_ids"].shape[0]))
-            metrics.update({k: v for k, v in info.items() if k != "labels"})
-            self.log(metrics)
-            progress.update(int(info.get("labels", 0)))
-            key = "loss/train"
-            progress.set_postfix({key: f"{metrics[key]:.3f}", **self.batch_source.progress()})
+            self.example_counter += labels
+            metrics.update({k: v for k, v in info.items() if k not in ("labels", "pairs")})
+            self.log({"split": "train", **metrics})
+            if info.get("pairs"):
+                self.logger.table("labelled_pairs", ["prompt", "chosen", "rejected"], info["pairs"], step=self.example_counter)
+            progress.update(labels)
+            progress.set_postfix({"loss": f"{metrics['loss/train']:.3f}", **self.batch_source.progress()})
+            if self.example_counter >= self.next_eval:
+                self.next_eval = self.example_counter + int(self.config.eval_every)
+                self.evaluate_and_log()
+                last_eval_at = self.example_counter
+                self.save()
         progress.close()
-        last_eval = self.evaluate()
-        first_eval = first_eval or last_eval
-        self.log(last_eval)
+        if last_eval_at != self.example_counter:
+            self.evaluate_and_log()
         checkpoint = self.save()
+        evals = [r for r in read_jsonl(os.path.join(self.run_dir, "metrics.jsonl")) if r.get("split") == "eval"]
+        strip = lambda r: {k: v for k, v in r.items() if k not in ("split", "step", "labels")}
         summary = {"exp_name": self.config.exp_name, "steps": self.step, "labels": self.example_counter,
                    "train_time_s": round(time.time() - start, 1), "checkpoint": checkpoint,
-                   "first_eval": first_eval, "final_eval": last_eval, **self.batch_source.progress()}
+                   "first_eval": strip(evals[0]) if evals else {}, "final_eval": strip(evals[-1]) if evals else {},
+                   **self.batch_source.progress()}
         atomic_write_text(os.path.join(self.run_dir, "summary.json"), json.dumps(summary, indent=2))
         return summary
 
@@ -287,8 +298,10 @@ class BasicTrainer:
         self.step, self.example_counter, self.next_eval = state["step"], state["example_counter"], state["next_eval"]
         set_rng_state(state["rng"])
 
-    def save(self) -> str:
-        """Write step-N/ atomically (temp dir, then rename) and point LATEST at it."""
+    def save(self) -> Optional[str]:
+        """Write step-N/ atomically (temp dir, then rename) and point LATEST at it (not in debug mode)."""
+        if self.config.debug:
+            return None
         name = f"step-{self.step}"
         final = os.path.join(self.run_dir, name)
         if os.path.exists(final):
@@ -309,11 +322,50 @@ class BasicTrainer:
         return final
 
     def load_training_state(self, checkpoint_dir: str) -> None:
+        """Continue from a checkpoint of this run: weights, optimizer, scheduler, counters, RNG, data position."""
+        load_trained_weights(self.policy, checkpoint_dir)
         data = torch.load(os.path.join(checkpoint_dir, "training_state.pt"), weights_only=True)
         self.optimizer.load_state_dict(data["optimizer"])
         self.scheduler.load_state_dict(data["scheduler"])
         self.load_state(data["trainer"])
         self.batch_source.load_state_dict(data["trainer"]["source"])
+
+
+def load_trained_weights(policy, directory: str) -> None:
+    """The trained weights of a checkpoint: the 'default' adapter under LoRA, else policy.pt (strict)."""
+    adapter = os.path.join(directory, "adapter")
+    if hasattr(policy, "peft_config"):
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+        result = set_peft_model_state_dict(policy, load_file(os.path.join(adapter, "adapter_model.safetensors")),
+                                           adapter_name="default")
+        if result.unexpected_keys:
+            raise ValueError(f"{adapter}: adapter does not match the model ({result.unexpected_keys[0]} unexpected)")
+    else:
+        load_archive(policy, directory)
+
+
+def load_archive(model, directory: str) -> None:
+    """Load policy.pt strictly, with one line naming what does not match."""
+    path = os.path.join(directory, "policy.pt")
+    if not os.path.exists(path):
+        raise ConfigError(f"model.archive: {directory} holds no policy.pt")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+        if mismatched:
+            k = mismatched[0]
+            parts.append(f"{len(mismatched)} shape mismatches (e.g. {k}: archive {tuple(state[k].shape)} vs model {tuple(expected[k].shape)})")
+        raise ConfigError(f"model.archive={path} does not match model={model.config.model_type}: " + "; ".join(parts))
+    model.load_state_dict(state, strict=True)
 
 
 def save_policy(policy, tokenizer, directory: str) -> None:

@@ -44,3 +44,31 @@ def make_tiny_model(tokenizer, seed=0, hidden=32, layers=2, dropout=0.0):
 @pytest.fixture
 def tiny_model(tokenizer):
     return make_tiny_model(tokenizer)
+
+
+def compose_config(overrides):
+    """The config `python train.py OVERRIDES` would run with."""
+    from hydra import compose, initialize_config_dir
+    with initialize_config_dir(config_dir=os.path.join(ROOT, "config"), version_base=None):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def write_synthetic_pairs(path, n=48):
+    """A preference set a tiny model learns in a few steps: the answer to 'colour of X' is preferred
+    when it names a colour. Returns the path."""
+    import json
+    things = ["sky", "grass", "snow", "coal", "blood", "sun", "sea", "leaf", "cloud", "night", "rose", "lemon"]
+    colours = ["blue", "green", "white", "black", "red", "yellow", "blue", "green", "grey", "black", "red", "yellow"]
+    with open(path, "w") as f:
+        for i in range(n):
+            j = i % len(things)
+            f.write(json.dumps({"prompt": f"Q{i}: what colour is the {things[j]}?\nA:",
+                                "chosen": f" the {things[j]} is {colours[j]}.", "rejected": " I do not know."}) + "\n")
+    return str(path)
+
+
+def tiny_overrides(tmp_path, *extra):
+    return ["model=tiny", f"local_dirs=[{tmp_path}/runs]", f"cache_dir={tmp_path}/cache", "wandb.enabled=false",
+            "model.architecture.hidden_size=32", "model.architecture.intermediate_size=64", "model.architecture.vocab_size=400",
+            "optimizer=AdamW", "lr=3e-3", "warmup_steps=0", "max_length=64", "max_prompt_length=32",
+            "eval_batch_size=16", *extra]

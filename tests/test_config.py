@@ -4,9 +4,8 @@ import subprocess
 import sys
 
 import pytest
-from hydra import compose, initialize_config_dir
 
-from conftest import ROOT
+from conftest import ROOT, compose_config
 from train import check_config, check_model_preset
 from utils import ConfigError
 
@@ -25,11 +24,6 @@ SEED_COMMANDS = [
     "pretrain_fraction=0.3 active=true qlora=true selection_strategy=us",
     "model=pythia28 datasets=[hh] loss=sft exp_name=sft_pythia",
 ]
-
-
-def compose_config(overrides):
-    with initialize_config_dir(config_dir=os.path.join(ROOT, "config"), version_base=None):
-        return compose(config_name="config", overrides=overrides)
 
 
 @pytest.mark.parametrize("command", SEED_COMMANDS)

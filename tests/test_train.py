@@ -1,0 +1,235 @@
+"""The main path end to end on the tiny model: SFT, then DPO from its checkpoint; offline AE; online
+Borda; checkpoints that reload to identical outputs; resume equivalence; kill -9 durability."""
+import glob
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, compose_config, tiny_overrides, write_synthetic_pairs
+from utils import ConfigError, read_jsonl
+
+
+def run(config):
+    from train import main_with
+    return main_with(config)
+
+
+def record_batches(monkeypatch):
+    """Capture the prompts of every training batch (what the selector chose), in order."""
+    from trainers import BasicTrainer
+    seen = []
+    original = BasicTrainer.train_step
+
+    def train_step(self, batch):
+        seen.append(list(batch["prompt"]))
+        return original(self, batch)
+
+    monkeypatch.setattr(BasicTrainer, "train_step", train_step)
+    return seen
+
+
+@pytest.fixture
+def pairs(tmp_path):
+    return write_synthetic_pairs(tmp_path / "pairs.jsonl")
+
+
+def test_sft_then_dpo_from_its_checkpoint(tmp_path, pairs):
+    sft = run(compose_config(tiny_overrides(tmp_path, f"datasets=[{pairs}]", "loss=sft", "exp_name=sft",
+                                            "batch_size=8", "n_epochs=4", "eval_every=1000")))
+    assert sft["final_eval"]["nll_per_token_eval"] < sft["first_eval"]["nll_per_token_eval"] - 0.5
+    checkpoint = sft["checkpoint"]
+    assert os.path.islink(os.path.join(os.path.dirname(checkpoint), "LATEST"))
+    # DPO on the same pairs (train split here holds ~90% of them) from the SFT checkpoint
+    dpo = run(compose_config(tiny_overrides(tmp_path, f"datasets=[{pairs}]", "loss=dpo", "exp_name=dpo",
+                                            f"model.archive={os.path.dirname(checkpoint)}", "batch_size=8",
+                                            "n_epochs=3", "eval_every=1000", "lr=1e-3")))
+    first, final = dpo["first_eval"], dpo["final_eval"]
+    assert first["loss/eval"] == pytest.approx(0.6931, abs=1e-3)   # policy == reference == SFT model
+    assert final["rewards_eval/accuracies"] > first["rewards_eval/accuracies"]
+    assert final["rewards_eval/margins"] > 0.5
+
+
+def test_dpo_raises_reward_accuracy_on_its_training_pairs(tmp_path, pairs):
+    from preference_datasets import iterate_elements
+    from trainers import Reference, concatenated_inputs, preference_loss
+    from scoring import response_logps
+    from train import load_model, load_tokenizer
+    from preference_datasets import collate
+    overrides = tiny_overrides(tmp_path, f"datasets=[{pairs}]", "loss=dpo", "exp_name=dpo", "batch_size=8", "n_epochs=3")
+    summary = run(compose_config(overrides))
+
+    config = compose_config(overrides + [f"model.archive={summary['checkpoint']}"])
+    tokenizer = load_tokenizer(config)
+    trained = load_model(config, tokenizer, "float32")
+    config.model.archive = None
+    initial = load_model(config, tokenizer, "float32")
+    elements = list(iterate_elements([pairs], tokenizer, "train", seed=0, shuffle=False, max_length=64, max_prompt_length=32,
+                                     sft_mode=False, n_epochs=1, silent=True))
+    batch = collate(elements, tokenizer.pad_token_id)
+    concat = concatenated_inputs(batch)
+    n = len(elements)
+    with torch.no_grad():
+        ref = response_logps(initial, concat["input_ids"], concat["attention_mask"], concat["labels"])
+        pol = response_logps(trained, concat["input_ids"], concat["attention_mask"], concat["labels"])
+    _, chosen, rejected = preference_loss(pol[:n], pol[n:], ref[:n], ref[n:], beta=0.1)
+    assert (chosen > rejected).float().mean() >= 0.9
+
+
+def test_checkpoint_round_trip_gives_identical_log_probs(tmp_path, pairs):
+    from train import load_model, load_tokenizer
+    from scoring import response_logps
+    overrides = tiny_overrides(tmp_path, f"datasets=[{pairs}]", "loss=sft", "exp_name=sft", "batch_size=8", "n_examples=16")
+    summary = run(compose_config(overrides))
+    config = compose_config(overrides + [f"model.archive={summary['checkpoint']}/policy.pt"])
+    tokenizer = load_tokenizer(config)
+    a = load_model(config, tokenizer, "float32")
+    b = load_model(config, tokenizer, "float32")
+    state = torch.load(os.path.join(summary["checkpoint"], "policy.pt"), weights_only=True)
+    assert all(torch.equal(v, a.state_dict()[k]) for k, v in state.items())
+    ids = torch.tensor([tokenizer("Q1: what colour is the sky?\nA: the sky is blue.").input_ids])
+    labels = ids.clone()
+    labels[:, :5] = -100
+    assert torch.equal(response_logps(a, ids, torch.ones_like(ids), labels), response_logps(b, ids, torch.ones_like(ids), labels))
+
+
+def test_archive_from_another_model_is_one_clear_line(tmp_path, pairs):
+    from train import load_model, load_tokenizer
+    overrides = tiny_overrides(tmp_path, f"datasets=[{pairs}]", "loss=sft", "exp_name=sft", "batch_size=8", "n_examples=8")
+    summary = run(compose_config(overrides))
+    bigger = overrides + [f"model.archive={summary['checkpoint']}", "model.architecture.hidden_size=64",
+                          "model.architecture.intermediate_size=128"]
+    config = compose_config(bigger)
+    with pytest.raises(ConfigError) as err:
+        load_model(config, load_tokenizer(config), "float32")
+    message = str(err.value)
+    assert "does not match" in message and "shape mismatches" in message and "\n" not in message
+
+
+def test_offline_ae_run_counters_add_up_and_sft_share_is_never_selected(tmp_path, pairs, monkeypatch):
+    from preference_datasets import get_dataset, split_prompts
+    seen = record_batches(monkeypatch)
+    config = compose_config(tiny_overrides(tmp_path, f"datasets=[{pairs}]", "loss=dpo", "exp_name=ae", "active=true",
+                                           "selection_strategy=ae", "pretrain_fraction=0.3", "batch_size=2",
+                                           "selection_ratio=2", "n_examples=40", "n_epochs=20", "eval_every=1000"))
+    summary = run(config)
+    assert summary["steps"] == 20 and summary["labels"] == 40
+    assert [len(b) for b in seen] == [2] * 20
+    run_dir = os.path.dirname(summary["checkpoint"])
+    train_lines = [r for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if r.get("split") == "train"]
+    assert train_lines[-1]["counters/labels_used"] == 40
+    assert train_lines[-1]["counters/candidates_scored"] == 80        # 20 pools of 2 * 2 candidates
+    assert all(r["acquisition/selected_min"] >= r["acquisition/rejected_max"] for r in train_lines)
+    sft_share, _ = split_prompts(list(get_dataset(pairs, "train", silent=True)), 0.3, seed=0)
+    assert not {p for b in seen for p in b} & set(sft_share)
+
+
+def test_offline_selection_is_deterministic_for_a_seed(tmp_path, pairs, monkeypatch):
+    runs = []
+    for i in range(2):
+        seen = record_batches(monkeypatch)
+        run(compose_config(tiny_overrides(tmp_path, f"datasets=[{pairs}]", "loss=dpo", f"exp_name=us{i}", "active=true",
+                                          "selection_strategy=us", "batch_size=4", "selection_ratio=3", "n_examples=12")))
+        runs.append(seen)
+        monkeypatch.undo()
+    assert runs[0] == runs[1]
+
+
+def test_short_final_pool_trains_on_what_is_left(tmp_path, pairs, monkeypatch, capsys):
+    seen = record_batches(monkeypatch)
+    run(compose_config(tiny_overrides(tmp_path, f"datasets=[{pairs}]", "loss=dpo", "exp_name=ae", "active=true",
+                                      "selection_strategy=ae", "batch_size=16", "selection_ratio=2", "n_epochs=1")))
+    # 43 train pairs: pools of 32 -> one step of 16, then a pool of 11 < 16 -> one step on all 11
+    assert [len(b) for b in seen] == [16, 11]
+    assert "training one last step on all of them" in capsys.readouterr().out
+
+
+def test_online_borda_run_counters_are_consistent(tmp_path, monkeypatch):
+    seen = record_batches(monkeypatch)
+    summary = run(compose_config(tiny_overrides(
+        tmp_path, "datasets=[haikus]", f"dataset_files.haikus={ROOT}/data/haiku_keywords.txt", "loss=dpo",
+        "exp_name=borda", "online=true", "selection_strategy=borda", "oracle=haiku", "batch_size=3",
+        "selection_ratio=2", "num_action_samples=3", "n_examples=30", "generation.max_new_tokens=12",
+        "n_eval_model_samples=4", "eval_every=1000")))
+    run_dir = os.path.dirname(summary["checkpoint"])
+    assert summary["steps"] == 10 and summary["labels"] == 30 and len(seen) == 10
+    ledger = read_jsonl(os.path.join(run_dir, "oracle_ledger.jsonl"))
+    assert len(ledger) == 30 and all(r["winner"] in ("A", "B") for r in ledger)
+    last = [r for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if r.get("split") == "train"][-1]
+    assert last["counters/labels_bought"] == 30 and last["counters/prompts_seen"] == 60
+    assert last["counters/candidates_scored"] == 60 * 6                 # 3 policy + 3 reference samples per prompt
+    assert "haiku/three_line_rate" in summary["final_eval"]
+
+
+def test_online_budget_stops_buying_at_max_queries(tmp_path):
+    summary = run(compose_config(tiny_overrides(
+        tmp_path, "datasets=[haikus]", f"dataset_files.haikus={ROOT}/data/haiku_keywords.txt", "loss=dpo",
+        "exp_name=uniref", "online=true", "selection_strategy=uniref", "selection_ratio=1", "oracle=haiku",
+        "oracle.max_queries=7", "batch_size=3", "n_examples=30", "generation.max_new_tokens=8", "n_eval_model_samples=2")))
+    ledger = read_jsonl(os.path.join(os.path.dirname(summary["checkpoint"]), "oracle_ledger.jsonl"))
+    assert len(ledger) == 7 and summary["labels"] == 7
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, pairs, monkeypatch):
+    from trainers import BasicTrainer
+    from train import resume_config
+    base = tiny_overrides(tmp_path, f"datasets=[{pairs}]", "loss=dpo", "active=true", "selection_strategy=ae",
+                          "batch_size=2", "selection_ratio=3", "n_examples=14", "eval_every=6", "llm_dropout=0.1")
+    seen_full = record_batches(monkeypatch)
+    full = run(compose_config(base + ["exp_name=full"]))
+    monkeypatch.undo()
+
+    seen_cut = record_batches(monkeypatch)
+    original = BasicTrainer.train_step
+
+    def crash_after_4(self, batch):
+        if self.step == 4:   # the checkpoint at 6 labels was written after step 3
+            raise KeyboardInterrupt
+        return original(self, batch)
+
+    monkeypatch.setattr(BasicTrainer, "train_step", crash_after_4)
+    with pytest.raises(KeyboardInterrupt):
+        run(compose_config(base + ["exp_name=cut"]))
+    monkeypatch.undo()
+    run_dir = glob.glob(f"{tmp_path}/runs/cut_*")[0]
+    seen_resumed = record_batches(monkeypatch)
+    resumed = run(resume_config(run_dir))
+    assert seen_cut[:3] + seen_resumed == seen_full
+    a = torch.load(os.path.join(full["checkpoint"], "policy.pt"), weights_only=True)
+    b = torch.load(os.path.join(resumed["checkpoint"], "policy.pt"), weights_only=True)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert resumed["labels"] == full["labels"] == 14
+
+
+def test_kill_9_never_leaves_an_unloadable_latest_nor_loses_a_label(tmp_path):
+    """SIGKILL an online run at random moments; LATEST always loads and the ledger keeps every label."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
+    args = [sys.executable, "train.py", *tiny_overrides(
+        tmp_path, "datasets=[haikus]", f"dataset_files.haikus={ROOT}/data/haiku_keywords.txt", "loss=dpo",
+        "exp_name=kill", "online=true", "selection_strategy=uniref", "selection_ratio=1", "oracle=haiku",
+        "batch_size=2", "n_examples=100000", "eval_every=2", "generation.max_new_tokens=8", "n_eval_model_samples=2")]
+    rng = random.Random(0)
+    for attempt in range(3):
+        proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while not glob.glob(f"{tmp_path}/runs/kill_*/LATEST") and time.time() < deadline:
+            time.sleep(0.2)
+        time.sleep(rng.uniform(0.0, 1.5))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    for run_dir in glob.glob(f"{tmp_path}/runs/kill_*"):
+        latest = os.path.join(run_dir, "LATEST")
+        torch.load(os.path.join(latest, "policy.pt"), weights_only=True)
+        state = torch.load(os.path.join(latest, "training_state.pt"), weights_only=True)
+        ledger_path = os.path.join(run_dir, "oracle_ledger.jsonl")
+        with open(ledger_path) as f:
+            lines = f.read().split("\n")
+        complete = [json.loads(line) for line in lines[:-1]]  # everything before the last newline parses
+        labels_in_checkpoint = state["trainer"]["source"]["labels"]
+        assert len(complete) >= labels_in_checkpoint
