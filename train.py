@@ -344,10 +344,10 @@ def add_lora(model, config: DictConfig):
         model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
         model.load_adapter(adapter, adapter_name="reference", is_trainable=False)
         model.set_adapter("default")
-        return model
+        return model.eval()
     lora_config = LoraConfig(r=int(config.lora_rank), lora_alpha=int(config.lora_alpha), lora_dropout=float(config.lora_dropout),
                              target_modules=lora_targets(model, config), task_type="CAUSAL_LM")
-    return get_peft_model(model, lora_config)
+    return get_peft_model(model, lora_config).eval()
 
 
 @hydra.main(version_base=None, config_path="config", config_name="config")
