@@ -423,16 +423,15 @@ def prompt_formatter(config, tokenizer) -> Optional[Callable[[str], str]]:
                                                         add_generation_prompt=True)
 
 
-def build_source(config, policy, reference, tokenizer, device, run_dir: str):
+def build_source(config, policy, reference, tokenizer, device, run_dir: str, oracle=None):
     """The batch source the trainer consumes, chosen by active/online/selection_strategy."""
     from preference_datasets import iterate_elements, iterate_prompts, tokenize_element, truncation_mode_for
     names, kwargs = list(config.datasets), data_kwargs(config, tokenizer)
     selector = selector_for(config)
     if config.online:
         import os
-        from oracles import Ledger, build_oracle
+        from oracles import Ledger
         fmt = kwargs["prompt_format"] or (lambda p: p)
-        oracle = build_oracle(config.oracle, names[0], int(config.seed))
         ledger = Ledger(os.path.join(run_dir, "oracle_ledger.jsonl"))
         # online budgets count labels bought, so the prompt stream cycles until the budget is spent
         epochs = int(config.n_epochs) if config.n_examples is None else 1_000_000

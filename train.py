@@ -257,12 +257,26 @@ def make_run_dir(config: DictConfig) -> str:
     raise ConfigError(f"local_dirs={list(config.local_dirs)}: none is writable")
 
 
+def build_judges(config: DictConfig):
+    """(training oracle, eval judge), built before any model loads so that a missing API key or a bad
+    oracle setting fails in one line first. The eval judge is `eval_oracle` (a name or a mapping of
+    oracle keys), else the training oracle for online runs, else none."""
+    from oracles import build_oracle
+    name, seed = config.datasets[0], int(config.seed)
+    oracle = build_oracle(config.oracle, name, seed) if config.online else None
+    if config.eval_oracle is None or config.loss.name == "sft":
+        return oracle, (oracle if config.loss.name != "sft" else None)
+    spec = {"name": config.eval_oracle} if isinstance(config.eval_oracle, str) else config.eval_oracle
+    return oracle, build_oracle(spec, name, seed)
+
+
 def main_with(config: DictConfig) -> Dict:
     """Everything after Hydra has composed the config; returns the run summary."""
     check_config(config)
     import data_selection
     from trainers import BasicTrainer, Reference, build_sampler
 
+    oracle, judge = build_judges(config)
     utils.set_seed(int(config.seed))
     run_dir = make_run_dir(config)
     if not config.resume:
@@ -279,9 +293,9 @@ def main_with(config: DictConfig) -> Dict:
     policy.to(device)
     reference = Reference(policy, reference_model) if config.loss.name != "sft" else None
     logger = utils.RunLogger(config, run_dir)
-    source = data_selection.build_source(config, policy, reference, tokenizer, device, run_dir)
+    source = data_selection.build_source(config, policy, reference, tokenizer, device, run_dir, oracle)
     eval_batches = data_selection.eval_batches(config, tokenizer)
-    sampler = build_sampler(config, tokenizer, device)
+    sampler = build_sampler(config, tokenizer, device, reference, run_dir, judge)
     trainer = BasicTrainer(policy, reference, tokenizer, config, run_dir, source, eval_batches, logger, device, sampler)
     if config.resume:
         trainer.load_training_state(os.path.realpath(os.path.join(run_dir, "LATEST")))

@@ -395,16 +395,21 @@ def task_metrics(records: List[Tuple[str, str, object]], texts: List[str]) -> Di
     return out
 
 
-def build_sampler(config, tokenizer, device):
+def build_sampler(config, tokenizer, device, reference: Optional[Reference], run_dir: str, judge=None):
     """Greedy answers of the policy on `n_eval_model_samples` held-out prompts at every eval: task
-    metrics (jeopardy correct/abstain/wrong, haiku validity...) and, with sample_during_eval, a table
-    of samples (wandb + <run_dir>/samples.jsonl). None when there is nothing to measure or show."""
+    metrics (jeopardy correct/abstain/wrong, haiku validity...), the win rate against the reference
+    policy's answers judged by the eval oracle (its own ledger, outside the label budget) and, with
+    sample_during_eval, a table of samples (wandb + <run_dir>/samples.jsonl). None when there is
+    nothing to measure or show."""
     import itertools
     from data_selection import data_kwargs, sample_responses
+    from oracles import EVAL_LEDGER_FILENAME, Ledger, evaluate_win_rate
     from preference_datasets import iterate_prompts, tokenize_element, truncation_mode_for
     names = list(config.datasets)
-    if not config.sample_during_eval and not {"haikus", "jeopardy"} & set(names):
+    judge = judge if reference is not None else None
+    if not config.sample_during_eval and judge is None and not {"haikus", "jeopardy"} & set(names):
         return None
+    ledger = Ledger(os.path.join(run_dir, EVAL_LEDGER_FILENAME)) if judge is not None else None
     kwargs = data_kwargs(config, tokenizer)
     fmt = kwargs["prompt_format"] or (lambda p: p)
     records = list(itertools.islice(iterate_prompts(names, "test", seed=int(config.seed), shuffle=False,
@@ -413,18 +418,29 @@ def build_sampler(config, tokenizer, device):
     ids = [tokenize_element(fmt(prompt), "", None, tokenizer, kwargs["max_length"], kwargs["max_prompt_length"],
                             truncation_mode_for(name))["prompt_input_ids"] for name, prompt, _ in records]
     greedy = OmegaConf.create({"temperature": 0.0, "top_p": 1.0, "max_new_tokens": config.generation.max_new_tokens})
+    size = int(config.eval_batch_size)
+    reference_texts: List[str] = []   # the reference never changes: generated once
+
+    def answers(model) -> List[str]:
+        return [t[0] for start in range(0, len(ids), size)
+                for t in sample_responses(model, tokenizer, ids[start:start + size], 1, greedy, device)]
 
     def sample(trainer) -> Dict[str, float]:
-        texts = []
-        for start in range(0, len(ids), int(config.eval_batch_size)):
-            texts += [t[0] for t in sample_responses(trainer.policy, tokenizer, ids[start:start + int(config.eval_batch_size)],
-                                                     1, greedy, device)]
+        texts = answers(trainer.policy)
+        metrics = task_metrics(records, texts)
+        if judge is not None:
+            if not reference_texts:
+                with reference.active() as model:
+                    reference_texts.extend(answers(model))
+            result = evaluate_win_rate(judge, ledger, [p for _, p, _ in records], texts, reference_texts,
+                                       [d.reference for _, _, d in records], [d.keywords for _, _, d in records])
+            metrics.update({f"win_rate/{k}": float(v) for k, v in result.items()})
         if config.sample_during_eval:
             rows = [[name, prompt, text] for (name, prompt, _), text in zip(records, texts)]
             trainer.logger.table("samples", ["dataset", "prompt", "policy"], rows, step=trainer.example_counter)
             for row in rows:
                 append_jsonl(os.path.join(trainer.run_dir, "samples.jsonl"),
                              {"labels": trainer.example_counter, "dataset": row[0], "prompt": row[1], "policy": row[2]})
-        return task_metrics(records, texts)
+        return metrics
 
     return sample

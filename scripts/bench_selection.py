@@ -70,6 +70,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_model: str) ->
     parser.add_argument("--data", default=HH_SAMPLE, help="Anthropic-HH jsonl ({chosen, rejected} dialogues), read in place")
     parser.add_argument("--cache-dir", default=os.path.join(ROOT, ".cache"),
                         help="converted SmolLM2 and built tokenizers (the config's cache_dir)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="CPU threads (1 is far steadier than 2 when other jobs share the cores)")
 
 
 def compose_config(args, *overrides: str):
@@ -247,6 +249,7 @@ def main() -> None:
     if args.repeats < 2:
         parser.error("--repeats must be >= 2 (each method runs at least once)")
     device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
     tokenizer, model = load_tokenizer_and_model(compose_config(args))

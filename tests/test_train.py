@@ -165,6 +165,19 @@ def test_online_borda_run_counters_are_consistent(tmp_path, monkeypatch):
     assert last["counters/labels_bought"] == 30 and last["counters/prompts_seen"] == 60
     assert last["counters/candidates_scored"] == 60 * 6                 # 3 policy + 3 reference samples per prompt
     assert "haiku/three_line_rate" in summary["final_eval"]
+    # the win rate against the reference is judged into its own ledger, outside the label budget
+    assert 0.0 <= summary["final_eval"]["win_rate/win_rate"] <= 1.0
+    assert os.path.exists(os.path.join(run_dir, "eval_ledger.jsonl"))
+
+
+def test_missing_api_key_fails_in_one_line_before_any_model_loads(tmp_path, monkeypatch, pairs):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    config = compose_config(tiny_overrides(tmp_path, f"datasets=[{pairs}]", "loss=dpo", "exp_name=x", "online=true",
+                                           "selection_strategy=uniref", "selection_ratio=1", "oracle=openai"))
+    with pytest.raises(ConfigError, match="OPENAI_API_KEY") as err:
+        run(config)
+    assert "\n" not in str(err.value)
+    assert not os.path.exists(f"{tmp_path}/runs")
 
 
 def test_online_budget_stops_buying_at_max_queries(tmp_path):
