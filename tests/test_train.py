@@ -246,3 +246,15 @@ def test_kill_9_never_leaves_an_unloadable_latest_nor_loses_a_label(tmp_path):
         complete = [json.loads(line) for line in lines[:-1]]  # everything before the last newline parses
         labels_in_checkpoint = state["trainer"]["source"]["labels"]
         assert len(complete) >= labels_in_checkpoint
+
+
+def test_quickstart_path_on_the_tiny_model(tmp_path):
+    """`make demo` is experiment=demo on SmolLM2; the same preset runs end to end on the tiny model."""
+    summary = run(compose_config(["experiment=demo", "model=tiny", f"local_dirs=[{tmp_path}/runs]", f"cache_dir={tmp_path}/cache",
+                                  "wandb.enabled=false", "lora=false", "n_examples=16", "batch_size=4",
+                                  f"dataset_files.haikus={ROOT}/data/haiku_keywords.txt", "n_eval_model_samples=4",
+                                  "generation.max_new_tokens=8", "model.architecture.vocab_size=400"]))
+    assert summary["labels"] == 16 and summary["steps"] == 4
+    for key in ("haiku/strict_valid_rate", "haiku/three_line_rate", "haiku/mean_syllable_distance",
+                "haiku/keyword_inclusion_rate", "win_rate/win_rate"):
+        assert key in summary["first_eval"] and key in summary["final_eval"]
