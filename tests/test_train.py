@@ -258,3 +258,29 @@ def test_quickstart_path_on_the_tiny_model(tmp_path):
     for key in ("haiku/strict_valid_rate", "haiku/three_line_rate", "haiku/mean_syllable_distance",
                 "haiku/keyword_inclusion_rate", "win_rate/win_rate"):
         assert key in summary["first_eval"] and key in summary["final_eval"]
+
+
+def test_activation_checkpointing_recomputes_blocks_and_trains_the_same(tmp_path, pairs, monkeypatch):
+    from transformers.models.llama.modeling_llama import LlamaAttention
+    calls = []
+    original = LlamaAttention.forward
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(LlamaAttention, "forward", counted)
+    results, counts = [], []
+    for flag in ("false", "true"):
+        calls.clear()
+        summary = run(compose_config(tiny_overrides(tmp_path, f"datasets=[{pairs}]", "loss=dpo", f"exp_name=ac{flag}",
+                                                    "batch_size=8", "n_examples=16", f"activation_checkpointing={flag}",
+                                                    "do_first_eval=false", "eval_every=1000")))
+        counts.append(len(calls))
+        results.append(torch.load(os.path.join(summary["checkpoint"], "policy.pt"), weights_only=True))
+    # 2 steps x 2 layers of the policy are recomputed in the backward pass
+    assert counts[1] - counts[0] == 2 * 2
+    assert all(torch.allclose(results[0][k], results[1][k], atol=1e-5) for k in results[0])
+    with pytest.raises(ConfigError, match="block_name=Nope matches no module"):
+        run(compose_config(tiny_overrides(tmp_path, f"datasets=[{pairs}]", "loss=dpo", "exp_name=bad",
+                                          "activation_checkpointing=true", "model.block_name=Nope")))
