@@ -18,6 +18,7 @@ line per iterator. Whole-file problems raise `utils.DataError` with a one-line m
 file and, where known, the line.
 """
 import csv
+import functools
 import io
 import itertools
 import json
@@ -588,7 +589,7 @@ def _take_split(data: Dict[str, PromptData], split: str, seed: int) -> Dict[str,
     return {prompt: data[prompt] for i, prompt in enumerate(prompts) if (i in test) == want_test}
 
 
-def get_dataset(name: str, split: str, seed: int = 0, data_file: Optional[str] = None,
+def _load_dataset(name: str, split: str, seed: int = 0, data_file: Optional[str] = None,
                 cache_dir: Optional[str] = None, silent: bool = False) -> Dict[str, PromptData]:
     """Load one split of a dataset as an ordered dict prompt -> PromptData (file order).
 
@@ -622,6 +623,28 @@ def get_dataset(name: str, split: str, seed: int = 0, data_file: Optional[str] =
     if col.skipped and not silent:
         print(col.summary(label, where))
     return col.data if exact_split else _take_split(col.data, split, seed)
+
+
+def _file_stamp(path: Optional[str]) -> Optional[Tuple[int, int]]:
+    try:
+        st = os.stat(os.path.expanduser(str(path)))
+        return st.st_mtime_ns, st.st_size
+    except (OSError, TypeError):
+        return None
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_dataset(name, split, seed, data_file, cache_dir, silent, stamp) -> Dict[str, PromptData]:
+    return _load_dataset(name, split, seed, data_file, cache_dir, silent)
+
+
+def get_dataset(name: str, split: str, seed: int = 0, data_file: Optional[str] = None,
+                cache_dir: Optional[str] = None, silent: bool = False) -> Dict[str, PromptData]:
+    """`_load_dataset`, memoised per process (keyed by the file's mtime and size, so an edited file is
+    read again): the config check, the tokenizer build and each iterator share one parse.
+    Treat the result as read-only."""
+    stamp = _file_stamp(name if name not in DATASET_NAMES else data_file)
+    return _cached_dataset(name, split, seed, data_file, cache_dir, silent, stamp)
 
 
 def split_prompts(prompts: List[str], pretrain_fraction: float, seed: int) -> Tuple[List[str], List[str]]:

@@ -259,6 +259,16 @@ def make_run_dir(config: DictConfig) -> str:
     raise ConfigError(f"local_dirs={list(config.local_dirs)}: none is writable")
 
 
+def check_data(config: DictConfig) -> None:
+    """Parse every dataset once before models load: a missing file or wrong columns fails in one line
+    first (the parse is memoised, so the iterators do not pay for it again)."""
+    from preference_datasets import get_dataset
+    for name in config.datasets:
+        for split in ("train", "test"):
+            get_dataset(name, split, seed=int(config.seed), data_file=config.dataset_files.get(name),
+                        cache_dir=config.cache_dir, silent=split == "test")
+
+
 def build_judges(config: DictConfig):
     """(training oracle, eval judge), built before any model loads so that a missing API key or a bad
     oracle setting fails in one line first. The eval judge is `eval_oracle` (a name or a mapping of
@@ -279,6 +289,7 @@ def main_with(config: DictConfig) -> Dict:
     from trainers import BasicTrainer, Reference, build_sampler
 
     oracle, judge = build_judges(config)
+    check_data(config)
     utils.set_seed(int(config.seed))
     run_dir = make_run_dir(config)
     if not config.resume:
