@@ -108,13 +108,15 @@ def score_sequences(policy, reference, sequences: List[Dict], config, device, pa
     """MC-dropout mean/variance under the policy and/or the reference log-prob of each sequence.
 
     sequences: dicts with input_ids/attention_mask/labels lists (prompt + one response each).
-    Minibatched by `selection_batch_size`; each minibatch is padded to its own longest sequence.
-    Returns any of mu (S,), var (S,), ref (S,) on CPU, fp32.
+    Minibatched by `selection_batch_size` over the sequences sorted by length, so each minibatch is
+    padded to a length close to its own sequences'. Returns any of mu (S,), var (S,), ref (S,) on CPU,
+    fp32, in the order of `sequences`.
     """
     out = {"mu": [], "var": [], "ref": []}
     size = int(config.selection_batch_size)
-    for start in range(0, len(sequences), size):
-        batch = collate(sequences[start:start + size], pad_token_id)
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]["input_ids"]))
+    for start in range(0, len(order), size):
+        batch = collate([sequences[i] for i in order[start:start + size]], pad_token_id)
         ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
         if need_policy:
             mu, var = mc_dropout_logps(policy, ids, mask, labels, k=int(config.mc_samples), p=float(config.llm_dropout),
@@ -123,7 +125,9 @@ def score_sequences(policy, reference, sequences: List[Dict], config, device, pa
             out["var"].append(var.cpu())
         if need_reference:
             out["ref"].append(reference.logps(ids, mask, labels).cpu())
-    return {k: torch.cat(v) for k, v in out.items() if v}
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+    return {k: torch.cat(v)[inverse] for k, v in out.items() if v}
 
 
 def pair_sequences(elements: List[Dict]) -> List[Dict]:

@@ -24,7 +24,6 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-import openai
 from omegaconf import DictConfig, OmegaConf
 
 from utils import ConfigError, append_jsonl, read_jsonl
@@ -406,7 +405,7 @@ def _retryable_status(code: int) -> bool:
     return code in _RETRY_STATUS or code >= 500
 
 
-def _retry_after_s(error: openai.APIStatusError) -> Optional[float]:
+def _retry_after_s(error: "openai.APIStatusError") -> Optional[float]:
     """Seconds the server asked us to wait (Retry-After in seconds), if it said so."""
     value = error.response.headers.get("retry-after") if error.response is not None else None
     try:
@@ -485,6 +484,8 @@ class OpenAIJudge(Oracle):
         return _run_coroutine(lambda: self._judge_all(queries, swaps, on_result))
 
     async def _judge_all(self, queries: List[Query], swaps: List[bool], on_result: Optional[OnResult]) -> List[Judgment]:
+        # imported here: importing openai makes wandb announce LLM tracing in runs that never call a judge
+        import openai
         # A fresh client per call: its connection pool belongs to this event loop, which asyncio.run closes.
         kwargs = {"base_url": self.base_url} if self.base_url else {}
         client = openai.AsyncOpenAI(api_key=self._api_key, max_retries=0, timeout=self.request_timeout_s, **kwargs)
@@ -501,6 +502,7 @@ class OpenAIJudge(Oracle):
             return list(await asyncio.gather(*(one(i) for i in range(len(queries)))))
 
     async def _judge_query(self, client: "openai.AsyncOpenAI", q: Query, swap: bool) -> Judgment:
+        import openai
         first, second = (q.response_b, q.response_a) if swap else (q.response_a, q.response_b)
         messages = [{"role": "system", "content": self.system_prompt},
                     {"role": "user", "content": self.user_message(q, first, second)}]

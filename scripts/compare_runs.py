@@ -35,6 +35,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import yaml
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from utils import read_jsonl  # noqa: E402
+
 EVAL_PREFIXES = ("haiku", "jeopardy", "win_rate")
 DEFAULT_BASELINES = ("uniform", "uniref")
 LOWER_IS_BETTER_WORDS = ("loss", "wrong", "distance")
@@ -78,22 +81,6 @@ def find_run_dirs(path: str) -> List[str]:
     return sorted(found)
 
 
-def _read_jsonl(path: str) -> List[Dict[str, Any]]:
-    """JSON lines; a torn last line (run killed mid-write) is skipped. Kept here rather than using
-    utils.read_jsonl so that comparing runs does not import torch."""
-    records = []
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return records
-
-
 def strategy_of(config: Dict[str, Any]) -> str:
     """The run's selection_strategy, or 'none' for plain SFT/DPO."""
     return config.get("selection_strategy") or "none"
@@ -114,7 +101,7 @@ def load_runs(paths: Sequence[str]) -> List[Run]:
     for d in dirs:
         with open(os.path.join(d, "config.yaml")) as f:
             config = yaml.safe_load(f) or {}
-        runs.append(make_run(d, config, _read_jsonl(os.path.join(d, "metrics.jsonl"))))
+        runs.append(make_run(d, config, read_jsonl(os.path.join(d, "metrics.jsonl"))))
     return runs
 
 

@@ -78,3 +78,25 @@ def test_borda_bounds_average_over_reference_samples():
 
 def test_top_k_is_stable_on_ties():
     assert top_k(torch.tensor([1.0, 3.0, 3.0, 0.0]), 3) == [1, 2, 0]
+
+
+def test_score_sequences_returns_scores_in_input_order(tokenizer):
+    """Scoring sorts by length for padding; results must come back in the caller's order."""
+    from omegaconf import OmegaConf
+    from conftest import make_tiny_model
+    from data_selection import score_sequences
+    from scoring import response_logps
+    from trainers import Reference
+    model, ref_model = make_tiny_model(tokenizer, seed=0), make_tiny_model(tokenizer, seed=1)
+    g = torch.Generator().manual_seed(0)
+    sequences = []
+    for length in (9, 4, 12, 6, 4, 10):
+        ids = torch.randint(3, len(tokenizer), (length,), generator=g).tolist()
+        sequences.append({"input_ids": ids, "attention_mask": [1] * length, "labels": [-100] * 2 + ids[2:]})
+    cfg = OmegaConf.create({"selection_batch_size": 4, "mc_samples": 3, "llm_dropout": 0.0, "uncertainty_method": "head"})
+    scores = score_sequences(model, Reference(model, ref_model), sequences, cfg, "cpu", tokenizer.pad_token_id,
+                             need_policy=True, need_reference=True)
+    for i, s in enumerate(sequences):
+        t = lambda key: torch.tensor([s[key]])
+        assert scores["mu"][i].item() == pytest.approx(response_logps(model, t("input_ids"), t("attention_mask"), t("labels")).item(), abs=1e-4)
+        assert scores["ref"][i].item() == pytest.approx(response_logps(ref_model, t("input_ids"), t("attention_mask"), t("labels")).item(), abs=1e-4)

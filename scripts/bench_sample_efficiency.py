@@ -1,0 +1,331 @@
+"""End-to-end sample-efficiency benchmark: active label selection against its uniform baseline.
+
+What it does. For one task (or all three), every selection strategy is trained with every seed by
+launching `train.py` as a subprocess; then `scripts/compare_runs.py` compares them against the
+baseline (learning-curve PNGs, final mean +- std over seeds, AUC, labels needed to reach the
+baseline's final value, Welch's t-test) and the table is printed and written to <out>/comparison.md.
+
+    jeopardy  offline. SmolLM2-135M-Instruct + LoRA, no SFT stage (the model is instruction-tuned);
+              pairs correct > abstain > wrong from the J! Archive file; ae and us against uniform.
+              Metrics on held-out clues: jeopardy/{wrong,abstain,correct}_rate of greedy answers and
+              rewards_eval/accuracies.
+    haikus    online. The strict 5-7-5 rows of haiku_test.csv (oracles.is_strict_haiku) are written
+              to <out>/data/{train,test}.csv (split by keyword set, so no test prompt is seen in
+              training); a ~3.7M-parameter tiny Llama is SFT'd on them once (<out>/sft/); then online
+              DPO from that checkpoint with the rule oracle: borda against uniref. Metrics: haiku/*
+              of greedy answers on the held-out prompts and win_rate/win_rate against the SFT model.
+    hh        offline. Per seed, a tiny Llama is SFT'd on the seed's pretrain share (30%) of
+              hh_sample.jsonl (<out>/sft/), then DPO with labels chosen from the other 70%: ae and us
+              against uniform. Metric: held-out preference accuracy of the implicit reward.
+
+Runs live in <out>/runs/<task>_<strategy>_s<seed>_<timestamp>/. A run whose summary.json exists is
+skipped; one that was interrupted after a checkpoint is resumed (`resume=`); one interrupted before
+its first checkpoint is deleted and started again. So the command can be re-run, e.g. with more
+seeds. Finished runs keep config.yaml, metrics.jsonl, summary.json and their small logs (ledgers,
+samples); their checkpoints are deleted unless --keep-checkpoints (an SFT stage keeps its final
+weights, small, which later seeds start from). Each run's console output goes to <out>/logs/.
+
+How long (2 shared CPU cores, CPU defaults, 3 seeds): jeopardy ~25 min, haikus ~15 min, hh ~12 min.
+Time grows linearly with seeds and labels. `--device cuda` uses bigger defaults (train.py picks the
+GPU by itself when one is present).
+
+    python scripts/bench_sample_efficiency.py --task jeopardy --seeds 0 1 2 3 4 --out benchmarks/jeopardy
+    python scripts/bench_sample_efficiency.py --task all --seeds 0 1 2 --out benchmarks   # <out>/<task>
+    python scripts/bench_sample_efficiency.py --task haikus --labels 512 --out benchmarks/haikus --dry-run
+
+Options that change a run's settings (--labels, --evals, --n-eval, --n-samples, --set) do not
+change its directory name: use a fresh --out when changing them, or finished runs are reused.
+Data paths default to /work/shared/data/ (--data-dir). Runs are offline: HF_HUB_OFFLINE=1,
+HF_DATASETS_OFFLINE=1 and WANDB_MODE=disabled are set for them unless already set.
+"""
+import argparse
+import csv
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TASKS = ("jeopardy", "haikus", "hh")
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled"}
+
+# Budgets per device: labels per run, eval points after the first eval, held-out pairs scored
+# (n_eval_examples), held-out prompts answered greedily (n_eval_model_samples), SFT examples.
+DEFAULTS = {
+    "cpu": {
+        "jeopardy": {"labels": 160, "evals": 4, "n_eval": 64, "n_samples": 64},
+        "haikus": {"labels": 256, "evals": 4, "n_eval": 64, "n_samples": 128, "sft_examples": 12000},
+        "hh": {"labels": 480, "evals": 4, "n_eval": 256, "n_samples": 0, "sft_examples": 2400},
+    },
+    "cuda": {
+        "jeopardy": {"labels": 1024, "evals": 6, "n_eval": 256, "n_samples": 256},
+        "haikus": {"labels": 1024, "evals": 6, "n_eval": 256, "n_samples": 256, "sft_examples": 40000},
+        "hh": {"labels": 2048, "evals": 6, "n_eval": 512, "n_samples": 0, "sft_examples": 8000},
+    },
+}
+
+# A ~3.7M-parameter Llama (vocab 2048, 4 layers of width 256) for the haiku task.
+HAIKU_TINY = ["model=tiny", "model.architecture.vocab_size=2048", "model.architecture.hidden_size=256",
+              "model.architecture.intermediate_size=768", "model.architecture.num_hidden_layers=4",
+              "model.architecture.num_attention_heads=4"]
+
+
+@dataclass
+class Task:
+    """strategies: the baseline first. dpo(args, strategy): overrides of a preference run (seed,
+    names and directories are added by the caller). sft(args): overrides of the SFT stage, or None
+    without one; sft_per_seed: one SFT run per seed (its data split depends on the seed) or one shared."""
+    name: str
+    strategies: List[str]
+    metrics: List[str]
+    dpo: Callable[[argparse.Namespace, str], List[str]]
+    sft: Optional[Callable[[argparse.Namespace], List[str]]] = None
+    sft_per_seed: bool = False
+    prepare: Optional[Callable[[argparse.Namespace], None]] = field(default=None, repr=False)
+
+
+def budget_overrides(args) -> List[str]:
+    return [f"n_examples={args.labels}", f"eval_every={max(1, args.labels // args.evals)}", "do_first_eval=true",
+            f"n_eval_examples={args.n_eval}", f"n_eval_model_samples={args.n_samples}"]
+
+
+def jeopardy_dpo(args, strategy: str) -> List[str]:
+    return ["model=smollm2-135m", "lora=true", "datasets=[jeopardy]",
+            f"dataset_files.jeopardy={os.path.join(args.data_dir, 'jeopardy_clues.json')}",
+            "loss=dpo", "loss.beta=0.1", "active=true", f"selection_strategy={strategy}", "selection_ratio=3",
+            "batch_size=8", "eval_batch_size=16", "optimizer=AdamW", "lr=3e-4", "warmup_steps=2",
+            "max_length=96", "max_prompt_length=80", "generation.max_new_tokens=16", *budget_overrides(args)]
+
+
+def haiku_data_dir(args) -> str:
+    return os.path.join(os.path.abspath(args.out), "data")
+
+
+def haiku_common(args) -> List[str]:
+    return [*HAIKU_TINY, "datasets=[haikus]", f"dataset_files.haikus={haiku_data_dir(args)}", "optimizer=AdamW",
+            "max_length=96", "max_prompt_length=48", "generation.max_new_tokens=40"]
+
+
+def haiku_sft(args) -> List[str]:
+    return [*haiku_common(args), "loss=sft", "lr=1e-3", "warmup_steps=50", "batch_size=32", "eval_batch_size=64",
+            f"n_examples={args.sft_examples}", f"eval_every={max(1, args.sft_examples // 4)}",
+            "n_eval_examples=128", f"n_eval_model_samples={args.n_samples}"]
+
+
+def haiku_dpo(args, strategy: str) -> List[str]:
+    ratio = 1 if strategy == "uniref" else 3
+    return [*haiku_common(args), "loss=dpo", "loss.beta=0.1", "online=true", "oracle=haiku",
+            f"selection_strategy={strategy}", f"selection_ratio={ratio}", "num_action_samples=4",
+            "batch_size=8", "eval_batch_size=64", "lr=1e-4", "warmup_steps=0", "generation.temperature=1.0",
+            *budget_overrides(args)]
+
+
+def write_strict_haikus(args) -> None:
+    """<out>/data/{train,test}.csv: the rows of haiku_test.csv that are strict 5-7-5 haikus with all
+    their keywords, with the source's columns; 10% of the keyword sets (seeded, fixed) go to test."""
+    from oracles import is_strict_haiku
+    from preference_datasets import _haiku_keywords  # the loader's own keyword parsing
+    directory = haiku_data_dir(args)
+    if os.path.exists(os.path.join(directory, "test.csv")):
+        return
+    with open(os.path.join(args.data_dir, "haiku_test.csv"), newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        columns, rows = reader.fieldnames, list(reader)
+    strict = [r for r in rows if is_strict_haiku(r["text"], _haiku_keywords(r["keywords"]))]
+    keyword_sets = sorted({" ".join(_haiku_keywords(r["keywords"])) for r in strict})
+    random.Random("bench-haiku-split").shuffle(keyword_sets)
+    test_sets = set(keyword_sets[:max(1, len(keyword_sets) // 10)])
+    os.makedirs(directory, exist_ok=True)
+    for split in ("train", "test"):
+        keep = [r for r in strict if (" ".join(_haiku_keywords(r["keywords"])) in test_sets) == (split == "test")]
+        with open(os.path.join(directory, f"{split}.csv.tmp"), "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(keep)
+        print(f"haikus: {len(keep)} strict rows -> {directory}/{split}.csv")
+    for split in ("train", "test"):  # test.csv last: its presence marks the data as complete
+        os.replace(os.path.join(directory, f"{split}.csv.tmp"), os.path.join(directory, f"{split}.csv"))
+    print(f"haikus: {len(strict)} of {len(rows)} rows are strict 5-7-5 haikus with their keywords")
+
+
+def hh_common(args) -> List[str]:
+    return ["model=tiny", "datasets=[hh]", f"dataset_files.hh={os.path.join(args.data_dir, 'hh_sample.jsonl')}",
+            "pretrain_fraction=0.3", "optimizer=AdamW", "max_length=192", "max_prompt_length=128", "eval_batch_size=32"]
+
+
+def hh_sft(args) -> List[str]:
+    return [*hh_common(args), "loss=sft", "lr=1e-3", "warmup_steps=20", "batch_size=16",
+            f"n_examples={args.sft_examples}", f"eval_every={args.sft_examples}", f"n_eval_examples={args.n_eval}"]
+
+
+def hh_dpo(args, strategy: str) -> List[str]:
+    return [*hh_common(args), "loss=dpo", "loss.beta=0.1", "active=true", f"selection_strategy={strategy}",
+            "selection_ratio=3", "batch_size=8", "lr=1e-4", "warmup_steps=0", *budget_overrides(args)]
+
+
+TASK_SPECS = {
+    "jeopardy": Task("jeopardy", ["uniform", "us", "ae"],
+                     ["jeopardy/wrong_rate", "jeopardy/abstain_rate", "jeopardy/correct_rate", "rewards_eval/accuracies"],
+                     jeopardy_dpo),
+    "haikus": Task("haikus", ["uniref", "borda"],
+                   ["haiku/strict_valid_rate", "haiku/three_line_rate", "haiku/mean_syllable_distance",
+                    "haiku/keyword_inclusion_rate", "win_rate/win_rate"],
+                   haiku_dpo, sft=haiku_sft, prepare=write_strict_haikus),
+    "hh": Task("hh", ["uniform", "us", "ae"], ["rewards_eval/accuracies", "loss/eval"],
+               hh_dpo, sft=hh_sft, sft_per_seed=True),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs: find, launch, resume, prune
+# ---------------------------------------------------------------------------------------------
+
+def run_dirs(base: str, exp_name: str) -> List[str]:
+    """Directories train.py made for `exp_name` under `base` (<exp_name>_<YYYY-MM-DD>_...), oldest first."""
+    if not os.path.isdir(base):
+        return []
+    pattern = re.compile(re.escape(exp_name) + r"_\d{4}-\d\d-\d\d_")
+    return sorted(os.path.join(base, d) for d in os.listdir(base) if pattern.match(d))
+
+
+def finished(base: str, exp_name: str) -> Optional[str]:
+    done = [d for d in run_dirs(base, exp_name) if os.path.exists(os.path.join(d, "summary.json"))]
+    return done[-1] if done else None
+
+
+def prune(run_dir: str, keep_final_weights: bool) -> None:
+    """Delete a finished run's checkpoints; with keep_final_weights, keep LATEST's weights and tokenizer
+    (what `model.archive` reads) and drop only the optimizer state."""
+    latest = os.path.realpath(os.path.join(run_dir, "LATEST"))
+    for name in os.listdir(run_dir):
+        path = os.path.join(run_dir, name)
+        if keep_final_weights and os.path.realpath(path) == latest:
+            state = os.path.join(path, "training_state.pt")
+            if name != "LATEST" and os.path.exists(state):
+                os.remove(state)
+            continue
+        if name.startswith(("step-", ".tmp-")) or name in ("wandb",):
+            shutil.rmtree(path)
+        elif name in ("LATEST", ".LATEST.tmp"):
+            os.remove(path)
+
+
+class Runner:
+    """Launches train.py runs one at a time, with their output in <out>/logs/<exp_name>.log."""
+
+    def __init__(self, args):
+        self.args = args
+        self.env = {**os.environ, **{k: v for k, v in OFFLINE_ENV.items() if k not in os.environ}}
+        self.log_dir = os.path.join(os.path.abspath(args.out), "logs")
+
+    def ensure(self, base: str, exp_name: str, overrides: List[str], keep_final_weights: bool = False) -> Optional[str]:
+        """The finished run directory of `exp_name` under `base`: reused, resumed or trained now.
+        None in --dry-run when the run would have to be trained."""
+        done = finished(base, exp_name)
+        if done:
+            print(f"[skip] {exp_name}: finished in {os.path.relpath(done)}")
+            return done
+        partial = run_dirs(base, exp_name)
+        resumable = [d for d in partial if os.path.isdir(os.path.join(d, "LATEST"))]
+        if resumable:
+            command = [sys.executable, "-u", "train.py", f"resume={resumable[-1]}"]
+        else:
+            command = [sys.executable, "-u", "train.py", *overrides, f"exp_name={exp_name}", f"local_dirs=[{base}]",
+                       "wandb.enabled=false"]
+        if self.args.dry_run:
+            print(" ".join(command))
+            return None
+        for stale in partial if not resumable else []:
+            print(f"[clean] {os.path.relpath(stale)}: interrupted before its first checkpoint; starting again")
+            shutil.rmtree(stale)
+        os.makedirs(self.log_dir, exist_ok=True)
+        log_path = os.path.join(self.log_dir, f"{exp_name}.log")
+        print(f"[run] {exp_name} ({'resume' if resumable else 'new'}; log {os.path.relpath(log_path)})", flush=True)
+        start = time.time()
+        with open(log_path, "a") as log:
+            log.write("$ " + " ".join(command) + "\n")
+            log.flush()
+            rc = subprocess.call(command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        done = finished(base, exp_name)
+        if rc != 0 or done is None:
+            with open(log_path) as log:
+                tail = log.read()[-3000:]
+            sys.exit(f"{exp_name} failed (exit code {rc}); last lines of {log_path}:\n{tail}")
+        print(f"[done] {exp_name} in {time.time() - start:.0f} s", flush=True)
+        if not self.args.keep_checkpoints:
+            prune(done, keep_final_weights)
+        return done
+
+
+def run_task(task: Task, args) -> None:
+    out = os.path.abspath(args.out)
+    runs, sft_base = os.path.join(out, "runs"), os.path.join(out, "sft")
+    runner = Runner(args)
+    start = time.time()
+    if task.prepare is not None and not args.dry_run:
+        task.prepare(args)
+    shared_sft = None
+    if task.sft is not None and not task.sft_per_seed:
+        shared_sft = runner.ensure(sft_base, f"{task.name}_sft", task.sft(args), keep_final_weights=True)
+    for seed in args.seeds:
+        archive = shared_sft
+        if task.sft is not None and task.sft_per_seed:
+            archive = runner.ensure(sft_base, f"{task.name}_sft_s{seed}", [*task.sft(args), f"seed={seed}"],
+                                    keep_final_weights=True)
+        for strategy in task.strategies:
+            overrides = [*task.dpo(args, strategy), f"seed={seed}", *args.set]
+            if task.sft is not None:
+                overrides.append(f"model.archive={archive or '<SFT run directory>'}")
+            runner.ensure(runs, f"{task.name}_{strategy}_s{seed}", overrides)
+    if args.dry_run:
+        return
+    print(f"{task.name}: all runs finished; {time.time() - start:.0f} s in this invocation")
+    compare = [sys.executable, os.path.join(ROOT, "scripts", "compare_runs.py"), runs, "--out", out,
+               "--baseline", task.strategies[0], "--metrics", ",".join(task.metrics)]
+    print("$ " + " ".join(compare), flush=True)
+    if subprocess.call(compare, cwd=ROOT) != 0:
+        sys.exit(f"{task.name}: compare_runs failed")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", required=True, choices=[*TASKS, "all"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--labels", type=int, help="label budget of each preference run (default: per task and device)")
+    parser.add_argument("--evals", type=int, help="evaluations after the first one (eval_every = labels / evals)")
+    parser.add_argument("--n-eval", type=int, help="held-out pairs scored at each eval (n_eval_examples)")
+    parser.add_argument("--n-samples", type=int, help="held-out prompts answered greedily at each eval (n_eval_model_samples)")
+    parser.add_argument("--sft-examples", type=int, help="examples seen by the SFT stage (haikus, hh)")
+    parser.add_argument("--out", required=True, help="results directory of the task (with --task all: their parent)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="which defaults to use")
+    parser.add_argument("--data-dir", default="/work/shared/data", help="holds jeopardy_clues.json, haiku_test.csv, hh_sample.jsonl")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra train.py override for every preference run (repeatable), e.g. --set lr=1e-4")
+    parser.add_argument("--keep-checkpoints", action="store_true", help="do not delete finished runs' checkpoints")
+    parser.add_argument("--dry-run", action="store_true", help="print the train.py commands still to run, run nothing")
+    args = parser.parse_args(argv)
+    if args.seeds and len(set(args.seeds)) != len(args.seeds):
+        parser.error("--seeds: each seed once")
+    sys.path.insert(0, ROOT)
+    tasks = TASKS if args.task == "all" else (args.task,)
+    for name in tasks:
+        task_args = argparse.Namespace(**vars(args))
+        if args.task == "all":
+            task_args.out = os.path.join(args.out, name)
+        for key, value in DEFAULTS[args.device][name].items():
+            if getattr(task_args, key) is None:
+                setattr(task_args, key, value)
+        if task_args.labels < 1 or task_args.evals < 1:
+            parser.error("--labels and --evals must be positive")
+        print(f"== {name}: seeds {args.seeds}, {task_args.labels} labels per run, out {task_args.out}", flush=True)
+        run_task(TASK_SPECS[name], task_args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
