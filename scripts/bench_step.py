@@ -8,7 +8,7 @@ forward, backward, gradient clipping, optimizer and scheduler step):
         (reference log-probs recomputed every step: no precomputed reference_*_logps in the batch).
   TRL   trl.DPOTrainer.train() (TRL 1.16.0), each optimizer step timed by a TrainerCallback from
         on_step_begin to on_step_end (same work; data loading and logging are outside), with
-        precompute_ref_log_probs=False, no gradient checkpointing, fp32 (bf16 off), dropout off.
+        precompute_ref_log_probs=False, no activation (gradient) checkpointing, fp32 (bf16 off), dropout off.
 
 Both: the same token ids (Anthropic-HH prompts/responses cut to exactly 64 + 64 tokens; TRL's own
 text tokenisation is replaced by these ids), AdamW lr 1e-5 (weight decay 0.01, torch's default),
@@ -79,7 +79,7 @@ def build_trl_trainer(args, config, tokenizer, pairs, peft_config, callback):
         output_dir=tempfile.mkdtemp(prefix="bench_step_trl_"), per_device_train_batch_size=args.pairs,
         max_steps=args.warmup + args.steps * n_trl_blocks, learning_rate=LR, lr_scheduler_type="constant",
         optim="adamw_torch", weight_decay=WEIGHT_DECAY, max_grad_norm=float(config.max_grad_norm),
-        beta=float(config.loss.beta), precompute_ref_log_probs=False, gradient_checkpointing=False, bf16=False,
+        beta=float(config.loss.beta), precompute_ref_log_probs=False, activation_checkpointing=False, bf16=False,
         max_length=None, logging_strategy="no", save_strategy="no", report_to="none", disable_tqdm=True,
         use_cpu=args.device == "cpu", seed=0)
     texts = Dataset.from_dict({key: [tokenizer.decode(pair[i]) for pair in pairs]

@@ -189,11 +189,23 @@ def test_online_budget_stops_buying_at_max_queries(tmp_path):
     assert len(ledger) == 7 and summary["labels"] == 7
 
 
-def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, pairs, monkeypatch):
+RESUME_CASES = {
+    "offline_ae_full": ["active=true", "selection_strategy=ae", "batch_size=2", "selection_ratio=3", "n_examples=14",
+                        "eval_every=6", "llm_dropout=0.1"],
+    "online_borda_lora": ["datasets=[haikus]", f"dataset_files.haikus={ROOT}/data/haiku_keywords.txt", "online=true",
+                          "selection_strategy=borda", "oracle=haiku", "lora=true", "batch_size=2", "selection_ratio=2",
+                          "num_action_samples=2", "n_examples=14", "eval_every=6", "generation.max_new_tokens=8",
+                          "n_eval_model_samples=2"],
+}
+
+
+@pytest.mark.parametrize("case", sorted(RESUME_CASES))
+def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, pairs, monkeypatch, case):
+    """Crash after step 4 (the last checkpoint is at 6 labels = step 3), resume: the resumed run draws
+    the batches the uninterrupted run drew, buys no label twice, and ends with the same weights."""
     from trainers import BasicTrainer
     from train import resume_config
-    base = tiny_overrides(tmp_path, f"datasets=[{pairs}]", "loss=dpo", "active=true", "selection_strategy=ae",
-                          "batch_size=2", "selection_ratio=3", "n_examples=14", "eval_every=6", "llm_dropout=0.1")
+    base = tiny_overrides(tmp_path, f"datasets=[{pairs}]", "loss=dpo", *RESUME_CASES[case])
     seen_full = record_batches(monkeypatch)
     full = run(compose_config(base + ["exp_name=full"]))
     monkeypatch.undo()
@@ -201,12 +213,12 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, pairs, mon
     seen_cut = record_batches(monkeypatch)
     original = BasicTrainer.train_step
 
-    def crash_after_4(self, batch):
-        if self.step == 4:   # the checkpoint at 6 labels was written after step 3
+    def crash_at_step_4(self, batch):
+        if self.step == 4:
             raise KeyboardInterrupt
         return original(self, batch)
 
-    monkeypatch.setattr(BasicTrainer, "train_step", crash_after_4)
+    monkeypatch.setattr(BasicTrainer, "train_step", crash_at_step_4)
     with pytest.raises(KeyboardInterrupt):
         run(compose_config(base + ["exp_name=cut"]))
     monkeypatch.undo()
@@ -214,10 +226,19 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, pairs, mon
     seen_resumed = record_batches(monkeypatch)
     resumed = run(resume_config(run_dir))
     assert seen_cut[:3] + seen_resumed == seen_full
-    a = torch.load(os.path.join(full["checkpoint"], "policy.pt"), weights_only=True)
-    b = torch.load(os.path.join(resumed["checkpoint"], "policy.pt"), weights_only=True)
-    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    weights = "adapter/adapter_model.safetensors" if "lora" in case else "policy.pt"
+    if weights.endswith(".pt"):
+        a = torch.load(os.path.join(full["checkpoint"], weights), weights_only=True)
+        b = torch.load(os.path.join(resumed["checkpoint"], weights), weights_only=True)
+    else:
+        from safetensors.torch import load_file
+        a, b = (load_file(os.path.join(s["checkpoint"], weights)) for s in (full, resumed))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert resumed["labels"] == full["labels"] == 14
+    if "online" in case:
+        ledger = lambda s: read_jsonl(os.path.join(os.path.dirname(s["checkpoint"]), "oracle_ledger.jsonl"))
+        # step 4's labels were bought before the crash and found in the ledger on resume: 14 paid in all
+        assert len(ledger(resumed)) == len(ledger(full)) == 14
 
 
 def test_kill_9_never_leaves_an_unloadable_latest_nor_loses_a_label(tmp_path):

@@ -1,0 +1,54 @@
+"""The benchmark scripts (scripts/bench_*.py) run end to end on the tiny model with tiny sizes and
+print their tables. Figures are not checked: a few milliseconds of work say nothing about speed."""
+import importlib
+import importlib.util
+import os
+import sys
+
+import pytest
+
+from conftest import FIXTURES, ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+HH = os.path.join(FIXTURES, "hh.jsonl")
+TINY = ["--model", "tiny", "--data", HH, "--threads", "1"]
+
+
+def run_script(monkeypatch, capsys, name, *args):
+    module = importlib.import_module(name)
+    monkeypatch.setattr(sys, "argv", [f"scripts/{name}.py", *args])
+    module.main()
+    return capsys.readouterr().out
+
+
+def test_bench_selection(monkeypatch, capsys, tmp_path):
+    out = run_script(monkeypatch, capsys, "bench_selection", *TINY, "--cache-dir", str(tmp_path), "--pairs", "2",
+                     "--prompt-len", "6", "--response-len", "6", "--k", "2", "--selection-batch-size", "2",
+                     "--check-pairs", "1")
+    assert "naive / ours =" in out and "max |d mu|" in out
+    out = run_script(monkeypatch, capsys, "bench_selection", *TINY, "--cache-dir", str(tmp_path), "--pairs", "2",
+                     "--prompt-len", "6", "--response-len", "6", "--k", "2", "--calibrate")
+    for p in ("0.01", "0.02", "0.05", "0.1"):
+        assert f"\n{p:>11} | " in out
+
+
+def test_bench_memory(monkeypatch, capsys, tmp_path):
+    out = run_script(monkeypatch, capsys, "bench_memory", *TINY, "--cache-dir", str(tmp_path), "--pairs", "2",
+                     "--prompt-len", "6", "--response-len", "6", "--steps", "1")
+    assert "FAILED" not in out and "ours / authors (peak_rss_mib) =" in out
+
+
+def test_bench_step(monkeypatch, capsys, tmp_path):
+    pytest.importorskip("trl")
+    out = run_script(monkeypatch, capsys, "bench_step", *TINY, "--cache-dir", str(tmp_path), "--pairs", "2",
+                     "--prompt-len", "6", "--response-len", "6", "--warmup", "1", "--steps", "1")
+    assert "ours / TRL =" in out
+
+
+def test_bench_step_without_trl_exits_2(monkeypatch, capsys):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "trl" else real_find_spec(name, *a))
+    with pytest.raises(SystemExit) as exit_info:
+        run_script(monkeypatch, capsys, "bench_step", *TINY)
+    assert exit_info.value.code == 2
+    assert "trl is not installed" in capsys.readouterr().err
