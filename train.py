@@ -190,8 +190,11 @@ def load_model(config: DictConfig, tokenizer, dtype_name: str, quantize_4bit: bo
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                            bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute)
         kwargs["dtype"] = compute
+        # 4-bit weights are quantised where they are loaded and cannot be moved afterwards
+        kwargs["device_map"] = {"": torch.cuda.current_device() if torch.cuda.is_available() else "cpu"}
     if model_cfg.name == "tiny":
         arch = model_cfg.architecture
+        kwargs.pop("device_map", None)
         torch.manual_seed(int(config.seed))  # same seed, same weights: policy and reference start identical
         llama = LlamaConfig(vocab_size=len(tokenizer), hidden_size=arch.hidden_size, intermediate_size=arch.intermediate_size,
                             num_hidden_layers=arch.num_hidden_layers, num_attention_heads=arch.num_attention_heads,
@@ -225,7 +228,8 @@ def quantize_tiny(model, quantization_config):
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
         return AutoModelForCausalLM.from_pretrained(tmp, quantization_config=quantization_config,
-                                                    dtype=quantization_config.bnb_4bit_compute_dtype)
+                                                    dtype=quantization_config.bnb_4bit_compute_dtype,
+                                                    device_map={"": torch.cuda.current_device() if torch.cuda.is_available() else "cpu"})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -305,7 +309,8 @@ def main_with(config: DictConfig) -> Dict:
         reference_model.requires_grad_(False)
     if config.activation_checkpointing:
         enable_activation_checkpointing(policy, config.model.block_name)
-    policy.to(device)
+    if not config.qlora:  # a 4-bit model was loaded onto its device
+        policy.to(device)
     reference = Reference(policy, reference_model) if config.loss.name != "sft" else None
     logger = utils.RunLogger(config, run_dir)
     source = data_selection.build_source(config, policy, reference, tokenizer, device, run_dir, oracle)

@@ -157,3 +157,14 @@ def test_lora_sft_adapter_becomes_the_dpo_reference_and_exports_merged(tmp_path,
     load_trained_weights(policy, dpo["checkpoint"])
     with torch.no_grad():
         assert torch.allclose(response_logps(exported, ids, mask, labels), response_logps(policy, ids, mask, labels), atol=1e-4)
+
+
+def test_qlora_offline_ae_run_end_to_end(tmp_path, pairs):
+    """The AE-DPO seed command's shape (active=true qlora=true selection_strategy=ae) on the tiny model."""
+    from train import main_with
+    summary = main_with(compose_config(tiny_overrides(
+        tmp_path, f"datasets=[{pairs}]", "loss=dpo", "exp_name=qae", "active=true", "qlora=true", "selection_strategy=ae",
+        "pretrain_fraction=0.3", "batch_size=4", "selection_ratio=2", "n_examples=8",
+        "model.architecture.hidden_size=64", "model.architecture.intermediate_size=128")))
+    assert summary["labels"] == 8 and summary["steps"] == 2
+    assert os.path.exists(os.path.join(summary["checkpoint"], "adapter", "adapter_model.safetensors"))
