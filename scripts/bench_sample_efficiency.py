@@ -58,7 +58,7 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": 
 # (n_eval_examples), held-out prompts answered greedily (n_eval_model_samples), SFT examples.
 DEFAULTS = {
     "cpu": {
-        "jeopardy": {"labels": 160, "evals": 4, "n_eval": 64, "n_samples": 64},
+        "jeopardy": {"labels": 48, "evals": 3, "n_eval": 24, "n_samples": 24},
         "haikus": {"labels": 256, "evals": 4, "n_eval": 64, "n_samples": 128, "sft_examples": 12000},
         "hh": {"labels": 480, "evals": 4, "n_eval": 256, "n_samples": 0, "sft_examples": 2400},
     },
@@ -98,7 +98,7 @@ def jeopardy_dpo(args, strategy: str) -> List[str]:
     return ["model=smollm2-135m", "lora=true", "datasets=[jeopardy]",
             f"dataset_files.jeopardy={os.path.join(args.data_dir, 'jeopardy_clues.json')}",
             "loss=dpo", "loss.beta=0.1", "active=true", f"selection_strategy={strategy}", "selection_ratio=3",
-            "batch_size=8", "eval_batch_size=16", "optimizer=AdamW", "lr=3e-4", "warmup_steps=2",
+            "batch_size=8", "eval_batch_size=16", "optimizer=AdamW", "lr=2e-3", "warmup_steps=2",
             "max_length=96", "max_prompt_length=80", "generation.max_new_tokens=16", *budget_overrides(args)]
 
 
@@ -221,6 +221,8 @@ class Runner:
     def __init__(self, args):
         self.args = args
         self.env = {**os.environ, **{k: v for k, v in OFFLINE_ENV.items() if k not in os.environ}}
+        if args.threads:
+            self.env["OMP_NUM_THREADS"] = self.env["MKL_NUM_THREADS"] = str(args.threads)
         self.log_dir = os.path.join(os.path.abspath(args.out), "logs")
 
     def ensure(self, base: str, exp_name: str, overrides: List[str], keep_final_weights: bool = False) -> Optional[str]:
@@ -306,11 +308,16 @@ def main(argv=None) -> int:
     parser.add_argument("--data-dir", default="/work/shared/data", help="holds jeopardy_clues.json, haiku_test.csv, hh_sample.jsonl")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra train.py override for every preference run (repeatable), e.g. --set lr=1e-4")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads per run (OMP_NUM_THREADS; default 1 with --device cpu: on a shared "
+                             "machine, torch's spinning OpenMP threads are ~3x slower than one thread)")
     parser.add_argument("--keep-checkpoints", action="store_true", help="do not delete finished runs' checkpoints")
     parser.add_argument("--dry-run", action="store_true", help="print the train.py commands still to run, run nothing")
     args = parser.parse_args(argv)
     if args.seeds and len(set(args.seeds)) != len(args.seeds):
         parser.error("--seeds: each seed once")
+    if args.threads is None and args.device == "cpu":
+        args.threads = 1
     sys.path.insert(0, ROOT)
     tasks = TASKS if args.task == "all" else (args.task,)
     for name in tasks:

@@ -15,8 +15,9 @@ same model, same pool, same minibatches of --selection-batch-size sequences:
 Here the reference network is the policy network itself (no LoRA): only the cost is compared.
 Printed: each run's time, the median per method, naive / ours, and the agreement of the two:
 at p=0 both are deterministic, so the MC mean mu and the reference log-prob ref (nats) must agree
-to ~1e-3 (checked on the first --check-pairs pairs with K=2); at p>0 the timed runs' mean MC std
-and mean AE acquisition must roughly agree (they are random).
+to float32 rounding (~1e-3 nats on sums of hundreds of nats; checked on the first --check-pairs
+pairs with K=2); at p>0 the timed runs' mean MC std sigma and mean AE acquisition must roughly
+agree (they are random draws of the same distribution).
 Target: naive / ours >= 2.5 with the defaults (SmolLM2-135M-Instruct, K=5, p=0.05, 24 pairs x
 (128 + 128) tokens, CPU).
 
@@ -300,14 +301,11 @@ def main() -> None:
     print(f"naive / ours = {ratio:.2f}x  (target >= 2.5x: {'MET' if ratio >= 2.5 else 'NOT MET'})")
 
     diff = {key: (exact["ours"][key] - exact["naive"][key]).abs().max().item() for key in ("mu", "ref")}
-    reward_gap = {name: (s["mu"] - s["ref"]).view(-1, 2) for name, s in exact.items()}
-    gap_diff = ((reward_gap["ours"][:, 0] - reward_gap["ours"][:, 1])
-                - (reward_gap["naive"][:, 0] - reward_gap["naive"][:, 1])).abs().max().item()
-    acq_diff = (ae_values(exact["ours"], args.gamma) - ae_values(exact["naive"], args.gamma)).abs().max().item()
-    print(f"\nagreement at p=0, K=2, first {args.check_pairs} pairs (nats; should be <~1e-3):")
-    print(f"  max |d mu| = {diff['mu']:.2e}   max |d ref| = {diff['ref']:.2e}   "
-          f"max |d (r1 - r2)| = {gap_diff:.2e} (implicit reward gap r = mu - ref)   max |d AE| = {acq_diff:.2e}")
-    print(f"agreement at p={args.p}, K={args.k}, whole pool (random; should be close):")
+    scale = exact["naive"]["mu"].abs().mean().item()
+    print(f"\nagreement at p=0 (deterministic), K=2, first {args.check_pairs} pairs: max |d mu| = {diff['mu']:.2e} nats, "
+          f"max |d ref| = {diff['ref']:.2e} nats; relative to mean |mu| = {scale:.1f} nats: "
+          f"{max(diff.values()) / scale:.1e} (float32 rounding; the AE/US acquisitions are 0 at p=0)")
+    print(f"agreement at p={args.p}, K={args.k}, whole pool (random draws: close, not equal):")
     for name, scores in last_scores.items():
         print(f"  {name:5s}: mean sigma {scores['var'].sqrt().mean():.4f}   mean mu {scores['mu'].mean():.3f}   "
               f"mean AE acquisition {ae_values(scores, args.gamma).mean():.4f}")

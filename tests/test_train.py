@@ -164,6 +164,11 @@ def test_online_borda_run_counters_are_consistent(tmp_path, monkeypatch):
     last = [r for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if r.get("split") == "train"][-1]
     assert last["counters/labels_bought"] == 30 and last["counters/prompts_seen"] == 60
     assert last["counters/candidates_scored"] == 60 * 6                 # 3 policy + 3 reference samples per prompt
+    from scripts.online_step_times import step_time_split
+    split, n_steps = step_time_split(read_jsonl(os.path.join(run_dir, "metrics.jsonl")))
+    parts = dict(split)
+    assert n_steps == 9 and parts["total"] == pytest.approx(sum(v for k, v in split if k != "total"))
+    assert all(parts[k] > 0 for k in ("generation", "scoring", "DPO update"))
     assert "haiku/three_line_rate" in summary["final_eval"]
     # the win rate against the reference is judged into its own ledger, outside the label budget
     assert 0.0 <= summary["final_eval"]["win_rate/win_rate"] <= 1.0
