@@ -130,15 +130,19 @@ def score_sequences(policy, reference, sequences: List[Dict], config, device, pa
     return {k: torch.cat(v)[inverse] for k, v in out.items() if v}
 
 
-def pair_sequences(elements: List[Dict]) -> List[Dict]:
-    """Flatten pairs into sequences [e0.chosen, e0.rejected, e1.chosen, ...] for scoring.
-    The selector never learns which of the two was preferred: scores are symmetric in the pair."""
-    seqs = []
+def pair_sequences(elements: List[Dict]) -> Tuple[List[Dict], List[bool]]:
+    """Flatten pairs into sequences [e0.first, e0.second, e1.first, ...] for scoring, where the two
+    responses of a pair are put in a canonical order (by token ids), not in label order: the selector
+    cannot learn which one was preferred, not even through which dropout mask met which response.
+    Returns the sequences and, per pair, whether 'first' is the rejected response."""
+    seqs, flipped = [], []
     for e in elements:
-        for side in ("chosen", "rejected"):
+        flip = e["rejected_input_ids"] < e["chosen_input_ids"]
+        flipped.append(flip)
+        for side in (("rejected", "chosen") if flip else ("chosen", "rejected")):
             seqs.append({"input_ids": e[f"{side}_input_ids"], "attention_mask": e[f"{side}_attention_mask"],
                          "labels": e[f"{side}_labels"]})
-    return seqs
+    return seqs, flipped
 
 
 def warn_if_no_variance(var: torch.Tensor, state: Dict) -> None:
@@ -212,7 +216,8 @@ class OfflineActiveSource:
             if self.selector.needs == "none":
                 chosen = list(range(min(want, len(pool))))
             else:
-                scores = score_sequences(self.policy, self.reference, pair_sequences(pool), cfg, self.device,
+                sequences, flipped = pair_sequences(pool)
+                scores = score_sequences(self.policy, self.reference, sequences, cfg, self.device,
                                          self.pad_token_id, need_policy=True,
                                          need_reference=self.selector.needs == "interval", generator=self.generator)
                 scores = {k: v.view(-1, 2) for k, v in scores.items()}
@@ -225,8 +230,9 @@ class OfflineActiveSource:
                 info["selection/mean_sigma"] = float(scores["var"].sqrt().mean())
                 if "ref" in scores:
                     for i in chosen:
-                        pool[i]["reference_chosen_logps"] = float(scores["ref"][i, 0])
-                        pool[i]["reference_rejected_logps"] = float(scores["ref"][i, 1])
+                        first, second = float(scores["ref"][i, 0]), float(scores["ref"][i, 1])
+                        pool[i]["reference_chosen_logps"], pool[i]["reference_rejected_logps"] = (
+                            (second, first) if flipped[i] else (first, second))
             selected = [pool[i] for i in chosen]
             self.labels += len(selected)
             info.update({"labels": len(selected), "selection/time_s": time.time() - t0,
@@ -278,6 +284,19 @@ def sample_responses(model, tokenizer, prompt_ids: List[List[int]], n: int, gene
     model.train(was_training)
     texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
     return [texts[i * n:(i + 1) * n] for i in range(len(prompt_ids))]
+
+
+def reuse_scored_reference(elements: List[Dict]) -> None:
+    """Attach the reference log-probs computed during scoring to the DPO elements (popping 'scored':
+    ((chosen ids, logp), (rejected ids, logp))) when every element tokenised to exactly the scored
+    ids; a pair can truncate its prompt differently from a single response, and then the DPO step
+    computes the reference itself rather than use a log-prob of other tokens."""
+    scored = [e.pop("scored", None) for e in elements]
+    if not scored or any(s is None for s in scored):
+        return
+    if all(e["chosen_input_ids"] == c[0] and e["rejected_input_ids"] == r[0] for e, (c, r) in zip(elements, scored)):
+        for e, (c, r) in zip(elements, scored):
+            e["reference_chosen_logps"], e["reference_rejected_logps"] = c[1], r[1]
 
 
 class OnlineSource:
@@ -343,10 +362,10 @@ class OnlineSource:
                 labelled.append([prompt, winner, loser])
                 element = self.make_element(name, prompt, winner, loser)
                 if reference_logps is not None:
-                    ref_a, ref_b = reference_logps[slot]
-                    element["reference_chosen_logps"], element["reference_rejected_logps"] = (
-                        (ref_a, ref_b) if judgment.winner == "A" else (ref_b, ref_a))
+                    scored_a, scored_b = reference_logps[slot]
+                    element["scored"] = (scored_a, scored_b) if judgment.winner == "A" else (scored_b, scored_a)
                 elements.append(element)
+            reuse_scored_reference(elements)
             self.labels += len(elements)
             info.update(times)
             info.update({"labels": len(elements), "pairs": labelled, "counters/labels_bought": self.labels,
@@ -361,7 +380,8 @@ class OnlineSource:
     def select_borda(self, pool, policy_texts, reference_texts, want):
         """Score every sample (policy MC-dropout + one reference pass), keep the `want` prompts with the
         largest Borda acquisition; per prompt pair the policy sample with the largest b+ against a
-        uniformly drawn reference sample. Returns kept indices, text pairs, their reference log-probs."""
+        uniformly drawn reference sample. Returns kept indices, text pairs, and per pair the scored
+        (token ids, reference log-prob) of both responses."""
         cfg = self.config
         m = len(policy_texts[0])
         sequences = []
@@ -385,7 +405,8 @@ class OnlineSource:
             best = int(b_plus[i].argmax())
             other = self.rng.randrange(m)
             pairs.append((policy_texts[i][best], reference_texts[i][other]))
-            reference_logps.append((float(ref[i, best]), float(ref[i, m + other])))
+            reference_logps.append(((sequences[i * 2 * m + best]["input_ids"], float(ref[i, best])),
+                                    (sequences[i * 2 * m + m + other]["input_ids"], float(ref[i, m + other]))))
         stats = acquisition_stats(acquisition, keep, sorted(set(range(len(pool))) - set(keep)))
         stats["selection/mean_sigma"] = float(sigma.mean())
         return keep, pairs, reference_logps, stats

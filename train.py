@@ -126,9 +126,11 @@ def smollm2_directory(model_cfg, cache_dir: str) -> str:
 
 
 def build_tiny_tokenizer(texts: List[str], vocab_size: int, cache_dir: str):
-    """Byte-level BPE trained on the run's own training text (deterministic; cached by content hash)."""
+    """Byte-level BPE trained on the run's own training text (deterministic; cached by content hash).
+    The texts are sorted first, so the vocabulary depends on what the data says, not on its order."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
+    texts = sorted(set(texts))
     digest = hashlib.sha256("\x00".join(texts).encode() + str(vocab_size).encode()).hexdigest()[:16]
     path = os.path.join(cache_dir, "tokenizers", f"tiny-{digest}")
     if not os.path.exists(os.path.join(path, "tokenizer.json")):

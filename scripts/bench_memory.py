@@ -19,9 +19,18 @@ torch.cuda.max_memory_allocated (MiB). Target: ours <= 0.65 x authors (peak RSS;
 peak allocated). --qlora runs the same pair on a 4-bit NF4 base (bitsandbytes; the authors'
 reference is then a second 4-bit copy); a configuration that fails prints its error.
 
+The children run with MALLOC_MMAP_THRESHOLD_=65536, so glibc returns freed blocks to the OS at once
+and the peak RSS is the peak of live memory rather than of glibc's caches (--glibc-cache keeps the
+default allocator: higher, noisier figures). The trunk's activations (the same in both
+configurations) are most of the peak at this batch; --activation-checkpointing recomputes each
+decoder layer in the backward in both configurations (HF activation checkpointing, which needs
+train mode: lora_dropout=0 and train_dropout=true, so no dropout is added), which leaves the
+reference copy and the logits as what differs.
+
 Run (from the repository root):
     HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled .venv/bin/python scripts/bench_memory.py
     ... scripts/bench_memory.py --qlora
+    ... scripts/bench_memory.py --activation-checkpointing
 """
 import argparse
 import json
@@ -40,6 +49,7 @@ from bench_selection import (add_common_arguments, command_line, compose_config,
 
 LR = 1e-5
 TARGET = 0.65
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 CONFIGS = {
     "ours": "LoRA policy, reference = adapters disabled, response-only chunked log-probs",
     "authors": "LoRA policy + separately loaded reference copy, full-vocabulary logits",
@@ -77,10 +87,13 @@ def run_child(args) -> None:
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    checkpointing = ["lora_dropout=0", "train_dropout=true"] if args.activation_checkpointing else []
     config = compose_config(args, "loss=dpo", "qlora=true" if args.qlora else "lora=true", "optimizer=AdamW",
-                            f"lr={LR}", "warmup_steps=0", "gradient_accumulation_steps=1")
+                            f"lr={LR}", "warmup_steps=0", "gradient_accumulation_steps=1", *checkpointing)
     tokenizer, base = load_tokenizer_and_model(config, quantize_4bit=args.qlora)
     policy = add_lora(base, config).to(device)
+    if args.activation_checkpointing:
+        policy.get_base_model().activation_checkpointing_enable()
     pairs = fixed_length_pairs(tokenizer, args.data, args.pairs, args.prompt_len, args.response_len)
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate([pair_element(p) for p in pairs],
                                                                               tokenizer.pad_token_id).items()}
@@ -93,7 +106,7 @@ def run_child(args) -> None:
     else:
         reference = load_model(config, tokenizer, config.model.reference_dtype, quantize_4bit=args.qlora).to(device)
         reference.requires_grad_(False).eval()
-        policy.eval()  # dropout off, as BasicTrainer with train_dropout=false
+        policy.train(bool(config.train_dropout))  # as BasicTrainer.train_step
         optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=LR)
 
         def step():
@@ -123,6 +136,10 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=8, help="batch size (pairs)")
     parser.add_argument("--prompt-len", type=int, default=64, help="prompt tokens per sequence")
     parser.add_argument("--response-len", type=int, default=64, help="response tokens per sequence")
+    parser.add_argument("--activation-checkpointing", action="store_true",
+                        help="recompute decoder layers in the backward, in both configurations")
+    parser.add_argument("--glibc-cache", action="store_true",
+                        help="children keep glibc's default malloc (freed memory stays resident)")
     parser.add_argument("--child", choices=tuple(CONFIGS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -130,13 +147,16 @@ def main() -> None:
         return
 
     base = "QLoRA (4-bit NF4 base)" if args.qlora else "LoRA (fp32 base)"
+    env = dict(os.environ, **({} if args.glibc_cache else MALLOC_ENV))
     print(f"command: {command_line()}")
     print(f"model {args.model}, {base}, on {args.device} ({args.threads} threads), {args.steps} DPO steps of "
-          f"{args.pairs} pairs x ({args.prompt_len} + {args.response_len}) tokens, each configuration in a fresh process")
+          f"{args.pairs} pairs x ({args.prompt_len} + {args.response_len}) tokens, each configuration in a fresh process; "
+          f"activation checkpointing {'on' if args.activation_checkpointing else 'off'}; "
+          f"malloc: {'glibc default' if args.glibc_cache else ' '.join(f'{k}={v}' for k, v in MALLOC_ENV.items())}")
     results = {}
     for name in CONFIGS:
         proc = subprocess.run([sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--child", name],
-                              capture_output=True, text=True)
+                              capture_output=True, text=True, env=env)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:
             error = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]

@@ -310,3 +310,81 @@ def test_activation_checkpointing_recomputes_blocks_and_trains_the_same(tmp_path
     with pytest.raises(ConfigError, match="block_name=Nope matches no module"):
         run(compose_config(tiny_overrides(tmp_path, f"datasets=[{pairs}]", "loss=dpo", "exp_name=bad",
                                           "activation_checkpointing=true", "model.block_name=Nope")))
+
+
+@pytest.mark.parametrize("strategy", ["ae", "us"])
+def test_selection_never_reads_the_labels(tmp_path, pairs, monkeypatch, strategy):
+    """Swapping chosen and rejected in the data leaves the selected prompts unchanged."""
+    swapped = tmp_path / "swapped.jsonl"
+    with open(pairs) as f, open(swapped, "w") as g:
+        for line in f:
+            row = json.loads(line)
+            row["chosen"], row["rejected"] = row["rejected"], row["chosen"]
+            g.write(json.dumps(row) + "\n")
+    selections = []
+    for data in (pairs, str(swapped)):
+        seen = record_batches(monkeypatch)
+        # lr=0: the policy stays put, so both runs score with the same model
+        run(compose_config(tiny_overrides(tmp_path, f"datasets=[{data}]", "loss=dpo", f"exp_name={strategy}", "active=true",
+                                          f"selection_strategy={strategy}", "batch_size=3", "selection_ratio=3",
+                                          "n_examples=12", "lr=0", "llm_dropout=0.1")))
+        selections.append(seen)
+        monkeypatch.undo()
+    assert selections[0] == selections[1]
+
+
+def test_reference_logps_from_selection_equal_a_fresh_reference_pass(tmp_path, pairs):
+    """The DPO step reuses the reference log-probs computed while scoring the pool; they must be the
+    chosen/rejected ones of each selected pair (the scoring order is not the label order)."""
+    import data_selection
+    from train import load_model, load_tokenizer
+    from trainers import Reference
+    config = compose_config(tiny_overrides(tmp_path, f"datasets=[{pairs}]", "loss=dpo", "exp_name=x", "active=true",
+                                           "selection_strategy=ae", "batch_size=4", "selection_ratio=3", "n_examples=8"))
+    from train import check_config
+    check_config(config)
+    tokenizer = load_tokenizer(config)
+    policy, reference_model = load_model(config, tokenizer, "float32"), load_model(config, tokenizer, "float32")
+    with torch.no_grad():
+        for p in reference_model.parameters():
+            p.add_(0.05 * torch.randn_like(p))   # a reference that differs from the policy
+    reference = Reference(policy, reference_model)
+    source = data_selection.build_source(config, policy, reference, tokenizer, "cpu", str(tmp_path))
+    for batch, _ in source:
+        for side in ("chosen", "rejected"):
+            fresh = reference.logps(batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"], batch[f"{side}_labels"])
+            assert torch.allclose(batch[f"reference_{side}_logps"], fresh, atol=1e-4)
+
+
+def test_online_borda_reuses_reference_logps_only_when_tokens_match(tmp_path, monkeypatch):
+    """Each Borda batch carries the reference log-probs of exactly its chosen/rejected tokens."""
+    from trainers import BasicTrainer, Reference
+    checked = []
+    original = BasicTrainer.batch_metrics
+
+    def check(self, batch, train):
+        if train and "reference_chosen_logps" in batch:
+            for side in ("chosen", "rejected"):
+                fresh = self.reference.logps(batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"], batch[f"{side}_labels"])
+                assert torch.allclose(batch[f"reference_{side}_logps"], fresh, atol=1e-4)
+            checked.append(1)
+        return original(self, batch, train)
+
+    monkeypatch.setattr(BasicTrainer, "batch_metrics", check)
+    run(compose_config(tiny_overrides(
+        tmp_path, "datasets=[haikus]", f"dataset_files.haikus={ROOT}/data/haiku_keywords.txt", "loss=dpo",
+        "exp_name=borda", "online=true", "selection_strategy=borda", "oracle=haiku", "batch_size=3", "lr=1e-2",
+        "selection_ratio=2", "num_action_samples=2", "n_examples=9", "generation.max_new_tokens=10", "n_eval_model_samples=2")))
+    assert len(checked) == 3
+
+
+def test_reuse_scored_reference_falls_back_when_tokens_differ():
+    from data_selection import reuse_scored_reference
+    same = {"chosen_input_ids": [1, 2], "rejected_input_ids": [1, 3], "scored": (([1, 2], -1.0), ([1, 3], -2.0))}
+    other = {"chosen_input_ids": [1, 2], "rejected_input_ids": [1, 3], "scored": (([9, 2], -1.0), ([1, 3], -2.0))}
+    elements = [dict(same)]
+    reuse_scored_reference(elements)
+    assert elements[0]["reference_chosen_logps"] == -1.0 and "scored" not in elements[0]
+    elements = [dict(same), dict(other)]
+    reuse_scored_reference(elements)
+    assert all("reference_chosen_logps" not in e and "scored" not in e for e in elements)
