@@ -136,7 +136,7 @@ class BasicTrainer:
     """
 
     def __init__(self, policy, reference: Optional[Reference], tokenizer, config, run_dir: str,
-                 batch_source, eval_batches: List[Dict], logger, device, sampler=None, state: Optional[Dict] = None):
+                 batch_source, eval_batches: List[Dict], logger, device, sampler=None):
         self.policy, self.reference, self.tokenizer = policy, reference, tokenizer
         self.config, self.run_dir, self.batch_source = config, run_dir, batch_source
         self.eval_batches, self.logger, self.device, self.sampler = eval_batches, logger, device, sampler
@@ -150,8 +150,6 @@ class BasicTrainer:
         self.step = 0
         self.example_counter = 0
         self.next_eval = int(config.eval_every)
-        if state is not None:
-            self.load_state(state)
 
     # -- one step --------------------------------------------------------------------------------
 
@@ -294,10 +292,6 @@ class BasicTrainer:
         return {"step": self.step, "example_counter": self.example_counter, "next_eval": self.next_eval,
                 "source": self.batch_source.state_dict(), "rng": rng_state()}
 
-    def load_state(self, state: Dict) -> None:
-        self.step, self.example_counter, self.next_eval = state["step"], state["example_counter"], state["next_eval"]
-        set_rng_state(state["rng"])
-
     def save(self) -> Optional[str]:
         """Write step-N/ atomically (temp dir, then rename) and point LATEST at it (not in debug mode)."""
         if self.config.debug:
@@ -327,7 +321,9 @@ class BasicTrainer:
         data = torch.load(os.path.join(checkpoint_dir, "training_state.pt"), weights_only=True)
         self.optimizer.load_state_dict(data["optimizer"])
         self.scheduler.load_state_dict(data["scheduler"])
-        self.load_state(data["trainer"])
+        state = data["trainer"]
+        self.step, self.example_counter, self.next_eval = state["step"], state["example_counter"], state["next_eval"]
+        set_rng_state(state["rng"])
         self.batch_source.load_state_dict(data["trainer"]["source"])
 
 

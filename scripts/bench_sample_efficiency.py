@@ -121,7 +121,7 @@ def haiku_dpo(args, strategy: str) -> List[str]:
     ratio = 1 if strategy == "uniref" else 3
     return [*haiku_common(args), "loss=dpo", "loss.beta=0.1", "online=true", "oracle=haiku",
             f"selection_strategy={strategy}", f"selection_ratio={ratio}", "num_action_samples=4",
-            "batch_size=8", "eval_batch_size=64", "lr=1e-4", "warmup_steps=0", "generation.temperature=1.0",
+            "batch_size=8", "eval_batch_size=64", "lr=5e-4", "warmup_steps=0", "generation.temperature=1.0",
             *budget_overrides(args)]
 
 
@@ -165,7 +165,7 @@ def hh_sft(args) -> List[str]:
 
 def hh_dpo(args, strategy: str) -> List[str]:
     return [*hh_common(args), "loss=dpo", "loss.beta=0.1", "active=true", f"selection_strategy={strategy}",
-            "selection_ratio=3", "batch_size=8", "lr=1e-4", "warmup_steps=0", *budget_overrides(args)]
+            "selection_ratio=3", "batch_size=8", "lr=5e-4", "warmup_steps=0", *budget_overrides(args)]
 
 
 TASK_SPECS = {
