@@ -17,7 +17,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 from tqdm import tqdm
 
-from preference_datasets import collate, tokenize_element
+from preference_datasets import collate
 from scoring import mc_dropout_logps
 from utils import ConfigError
 

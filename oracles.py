@@ -22,11 +22,14 @@ import re
 import time
 import unicodedata
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
 from utils import ConfigError, append_jsonl, read_jsonl
+
+if TYPE_CHECKING:
+    import openai
 
 LEDGER_FILENAME = "oracle_ledger.jsonl"
 

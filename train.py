@@ -3,10 +3,8 @@
 Checks the config (one-line errors, before any model loads), builds the tokenizer, the policy and
 the reference through one loading path, optional LoRA/QLoRA, the batch source, and runs the trainer.
 """
-import glob
 import hashlib
 import importlib.util
-import json
 import os
 import sys
 import time
@@ -17,7 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import utils
-from utils import ConfigError, DataError, UserError
+from utils import ConfigError, UserError
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config")
 OFFLINE_STRATEGIES = ("uniform", "us", "ae")
@@ -234,8 +232,74 @@ def quantize_tiny(model, quantization_config):
                                                     device_map={"": torch.cuda.current_device() if torch.cuda.is_available() else "cpu"})
 
 
+# LoRA targets per model family: every linear map of attention and MLP
+LORA_TARGETS = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+}
+
+
+def lora_targets(model, config: DictConfig) -> List[str]:
+    """Target module names from the config, or the model family's table checked against the model."""
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    if config.lora_target_modules:
+        targets = list(config.lora_target_modules)
+    else:
+        model_type = model.config.model_type
+        if model_type not in LORA_TARGETS:
+            raise ConfigError(f"no default LoRA targets for model_type={model_type}; set lora_target_modules=[...] "
+                              f"from the model's module names")
+        targets = LORA_TARGETS[model_type]
+    absent = [t for t in targets if t not in names]
+    if absent:
+        raise ConfigError(f"lora_target_modules: {absent} not found in model {model.config.model_type}")
+    return targets
+
+
+def add_lora(model, config: DictConfig):
+    """Wrap the (possibly 4-bit) base with LoRA. With an adapter archive (an SFT stage run with LoRA)
+    the trainable adapter starts from it and a frozen copy named 'reference' makes the reference
+    exactly the SFT model; otherwise the reference is the base with adapters disabled."""
+    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+    if config.qlora:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    adapter = None
+    if config.model.archive:
+        candidate = os.path.join(archive_directory(config.model.archive), "adapter")
+        adapter = candidate if os.path.isdir(candidate) else None
+    if adapter:
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+        model.load_adapter(adapter, adapter_name="reference", is_trainable=False)
+        model.set_adapter("default")
+        return model.eval()
+    lora_config = LoraConfig(r=int(config.lora_rank), lora_alpha=int(config.lora_alpha), lora_dropout=float(config.lora_dropout),
+                             target_modules=lora_targets(model, config), task_type="CAUSAL_LM")
+    return get_peft_model(model, lora_config).eval()
+
+
+def enable_activation_checkpointing(model, block_name: Optional[str]) -> None:
+    """Recompute each transformer block (class `model.block_name`) in the backward pass instead of
+    keeping its activations: less memory for long sequences, about one more forward of compute.
+    Unlike the library's switch this also works in eval mode, which is how the policy trains here
+    (dropout off), and it leaves parameter names, hence checkpoints, unchanged."""
+    from torch.utils.checkpoint import checkpoint
+    blocks = [m for m in model.modules() if type(m).__name__ == block_name]
+    if not blocks:
+        raise ConfigError(f"activation_checkpointing: model.block_name={block_name} matches no module of "
+                          f"{type(model).__name__}; set model.block_name to its transformer block class")
+    for block in blocks:
+        def forward(*args, _forward=block.forward, **kwargs):
+            if torch.is_grad_enabled():
+                return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+            return _forward(*args, **kwargs)
+        block.forward = forward
+
+
 # ----------------------------------------------------------------------------------------------
-# Run directory and logging
+# The run: pre-flight checks, run directory, wiring
 
 def resume_config(run_dir: str) -> DictConfig:
     """`resume=RUN_DIR` continues with the run's own saved config (other overrides are not applied)."""
@@ -328,24 +392,6 @@ def main_with(config: DictConfig) -> Dict:
     return summary
 
 
-def enable_activation_checkpointing(model, block_name: Optional[str]) -> None:
-    """Recompute each transformer block (class `model.block_name`) in the backward pass instead of
-    keeping its activations: less memory for long sequences, about one more forward of compute.
-    Unlike the library's switch this also works in eval mode, which is how the policy trains here
-    (dropout off), and it leaves parameter names, hence checkpoints, unchanged."""
-    from torch.utils.checkpoint import checkpoint
-    blocks = [m for m in model.modules() if type(m).__name__ == block_name]
-    if not blocks:
-        raise ConfigError(f"activation_checkpointing: model.block_name={block_name} matches no module of "
-                          f"{type(model).__name__}; set model.block_name to its transformer block class")
-    for block in blocks:
-        def forward(*args, _forward=block.forward, **kwargs):
-            if torch.is_grad_enabled():
-                return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
-            return _forward(*args, **kwargs)
-        block.forward = forward
-
-
 def print_summary(summary: Dict) -> None:
     first, final = summary.get("first_eval") or {}, summary.get("final_eval") or {}
     print("\n==== summary ====")
@@ -354,54 +400,6 @@ def print_summary(summary: Dict) -> None:
         if key in first and isinstance(final[key], (int, float)):
             print(f"  {key:32s} before {first[key]:10.4f}   after {final[key]:10.4f}")
     print(f"checkpoint: {summary['checkpoint']}")
-
-
-# LoRA targets per model family: every linear map of attention and MLP
-LORA_TARGETS = {
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "gpt2": ["c_attn", "c_proj", "c_fc"],
-    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
-}
-
-
-def lora_targets(model, config: DictConfig) -> List[str]:
-    """Target module names from the config, or the model family's table checked against the model."""
-    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    if config.lora_target_modules:
-        targets = list(config.lora_target_modules)
-    else:
-        model_type = model.config.model_type
-        if model_type not in LORA_TARGETS:
-            raise ConfigError(f"no default LoRA targets for model_type={model_type}; set lora_target_modules=[...] "
-                              f"from the model's module names")
-        targets = LORA_TARGETS[model_type]
-    absent = [t for t in targets if t not in names]
-    if absent:
-        raise ConfigError(f"lora_target_modules: {absent} not found in model {model.config.model_type}")
-    return targets
-
-
-def add_lora(model, config: DictConfig):
-    """Wrap the (possibly 4-bit) base with LoRA. With an adapter archive (an SFT stage run with LoRA)
-    the trainable adapter starts from it and a frozen copy named 'reference' makes the reference
-    exactly the SFT model; otherwise the reference is the base with adapters disabled."""
-    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
-    if config.qlora:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    adapter = None
-    if config.model.archive:
-        candidate = os.path.join(archive_directory(config.model.archive), "adapter")
-        adapter = candidate if os.path.isdir(candidate) else None
-    if adapter:
-        model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
-        model.load_adapter(adapter, adapter_name="reference", is_trainable=False)
-        model.set_adapter("default")
-        return model.eval()
-    lora_config = LoraConfig(r=int(config.lora_rank), lora_alpha=int(config.lora_alpha), lora_dropout=float(config.lora_dropout),
-                             target_modules=lora_targets(model, config), task_type="CAUSAL_LM")
-    return get_peft_model(model, lora_config).eval()
 
 
 @hydra.main(version_base=None, config_path="config", config_name="config")

@@ -7,12 +7,11 @@ iterator of `(batch, info)` where `batch` is a collated dict (see preference_dat
 """
 import contextlib
 import json
-import math
 import os
 import shutil
 import time
 from collections import defaultdict
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F

@@ -1,9 +1,7 @@
 """Small helpers shared by every module: errors, seeding, run directories, atomic files, padding."""
-import contextlib
 import json
 import os
 import random
-import shutil
 import tempfile
 from typing import Any, Dict, Iterable, List
 

@@ -213,7 +213,8 @@ def ae_values(scores: Dict[str, torch.Tensor], gamma: float) -> torch.Tensor:
 
 def pool_sequences(pairs: List[Pair]) -> List[Dict]:
     from data_selection import pair_sequences
-    return pair_sequences([pair_element(pair) for pair in pairs])
+    sequences, _ = pair_sequences([pair_element(pair) for pair in pairs])
+    return sequences
 
 
 # ----------------------------------------------------------------------------------------------

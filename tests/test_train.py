@@ -58,7 +58,7 @@ def test_sft_then_dpo_from_its_checkpoint(tmp_path, pairs):
 
 def test_dpo_raises_reward_accuracy_on_its_training_pairs(tmp_path, pairs):
     from preference_datasets import iterate_elements
-    from trainers import Reference, concatenated_inputs, preference_loss
+    from trainers import concatenated_inputs, preference_loss
     from scoring import response_logps
     from train import load_model, load_tokenizer
     from preference_datasets import collate
@@ -358,7 +358,7 @@ def test_reference_logps_from_selection_equal_a_fresh_reference_pass(tmp_path, p
 
 def test_online_borda_reuses_reference_logps_only_when_tokens_match(tmp_path, monkeypatch):
     """Each Borda batch carries the reference log-probs of exactly its chosen/rejected tokens."""
-    from trainers import BasicTrainer, Reference
+    from trainers import BasicTrainer
     checked = []
     original = BasicTrainer.batch_metrics
 
