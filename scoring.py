@@ -14,7 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-DEFAULT_CHUNK = 1024
+CHUNK_BYTES = 64 << 20   # fp32 logits per projected chunk: 64 MiB (~340 rows of a 49k vocabulary)
+
+
+def default_chunk(vocab_size: int) -> int:
+    """Rows projected at once: a 1024-row chunk of 49k-vocabulary logits is 192 MiB and its backward
+    holds about three, which shows in the peak; 64 MiB chunks cost no measurable speed."""
+    return max(64, CHUNK_BYTES // (4 * vocab_size))
 
 
 def causal_lm_parts(model) -> Tuple[torch.nn.Module, torch.nn.Module]:
@@ -33,10 +39,11 @@ def _target_logps(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Te
 
 
 def token_logps(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor,
-                chunk_size: int = DEFAULT_CHUNK, softcap: Optional[float] = None) -> torch.Tensor:
+                chunk_size: Optional[int] = None, softcap: Optional[float] = None) -> torch.Tensor:
     """Chunked log p(targets | hidden). hidden (..., N, H), targets (N,) -> (..., N).
 
     Leading dims of `hidden` (e.g. K dropout masks) share the same targets."""
+    chunk_size = chunk_size or default_chunk(getattr(head, "out_features", None) or head.weight.shape[0])
     lead = hidden.shape[:-2]
     n = hidden.shape[-2]
     flat = hidden.reshape(-1, n, hidden.shape[-1])
@@ -75,7 +82,7 @@ def _sum_per_row(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch
 
 
 def response_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                   chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
+                   chunk_size: Optional[int] = None) -> torch.Tensor:
     """Sum of log p(response tokens) per sequence, (B,) fp32. Prompt/padding (labels -100) excluded,
     EOS included. Gradients flow when called under autograd."""
     hidden, targets, rows, head, softcap = _response_hidden(model, input_ids, attention_mask, labels)
@@ -91,7 +98,7 @@ def mean_and_variance(samples: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor
 
 @torch.no_grad()
 def mc_dropout_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                     k: int, p: float, method: str = "head", chunk_size: int = DEFAULT_CHUNK,
+                     k: int, p: float, method: str = "head", chunk_size: Optional[int] = None,
                      generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """MC-dropout estimate of log pi(response | prompt): mean (B,) and unbiased variance (B,), in nats.
 

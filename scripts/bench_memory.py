@@ -23,9 +23,8 @@ The children run with MALLOC_MMAP_THRESHOLD_=65536, so glibc returns freed block
 and the peak RSS is the peak of live memory rather than of glibc's caches (--glibc-cache keeps the
 default allocator: higher, noisier figures). The trunk's activations (the same in both
 configurations) are most of the peak at this batch; --activation-checkpointing recomputes each
-decoder layer in the backward in both configurations (HF activation checkpointing, which needs
-train mode: lora_dropout=0 and train_dropout=true, so no dropout is added), which leaves the
-reference copy and the logits as what differs.
+decoder layer in the backward in both configurations (the trainer's `activation_checkpointing=true`),
+which leaves the reference copy and the logits as what differs.
 
 Run (from the repository root):
     HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled .venv/bin/python scripts/bench_memory.py
@@ -82,18 +81,18 @@ def authors_step(policy, reference, optimizer, batch, config) -> None:
 def run_child(args) -> None:
     """Load, run the steps of configuration args.child, print one RESULT line (JSON)."""
     from preference_datasets import collate
-    from train import add_lora, load_model
+    from train import add_lora, enable_activation_checkpointing, load_model
     from trainers import BasicTrainer, Reference
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    checkpointing = ["lora_dropout=0", "train_dropout=true"] if args.activation_checkpointing else []
+    checkpointing = ["activation_checkpointing=true"] if args.activation_checkpointing else []
     config = compose_config(args, "loss=dpo", "qlora=true" if args.qlora else "lora=true", "optimizer=AdamW",
                             f"lr={LR}", "warmup_steps=0", "gradient_accumulation_steps=1", *checkpointing)
     tokenizer, base = load_tokenizer_and_model(config, quantize_4bit=args.qlora)
     policy = add_lora(base, config).to(device)
-    if args.activation_checkpointing:
-        policy.get_base_model().activation_checkpointing_enable()
+    if config.activation_checkpointing:
+        enable_activation_checkpointing(policy, config.model.block_name)
     pairs = fixed_length_pairs(tokenizer, args.data, args.pairs, args.prompt_len, args.response_len)
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate([pair_element(p) for p in pairs],
                                                                               tokenizer.pad_token_id).items()}

@@ -21,9 +21,9 @@ baseline's final value, Welch's t-test) and the table is printed and written to 
 Runs live in <out>/runs/<task>_<strategy>_s<seed>_<timestamp>/. A run whose summary.json exists is
 skipped; one that was interrupted after a checkpoint is resumed (`resume=`); one interrupted before
 its first checkpoint is deleted and started again. So the command can be re-run, e.g. with more
-seeds. Finished runs keep config.yaml, metrics.jsonl, summary.json and their small logs (ledgers,
-samples); their checkpoints are deleted unless --keep-checkpoints (an SFT stage keeps its final
-weights, small, which later seeds start from). Each run's console output goes to <out>/logs/.
+seeds. Finished runs are reduced to config.yaml, metrics.jsonl and summary.json (checkpoints,
+oracle ledgers, samples deleted) unless --keep-checkpoints; an SFT stage also keeps its final
+weights (small), which later seeds start from. Each run's console output goes to <out>/logs/.
 
 How long (2 shared CPU cores, CPU defaults, 3 seeds): jeopardy ~25 min, haikus ~15 min, hh ~12 min.
 Time grows linearly with seeds and labels. `--device cuda` uses bigger defaults (train.py picks the
@@ -35,6 +35,8 @@ GPU by itself when one is present).
 
 Options that change a run's settings (--labels, --evals, --n-eval, --n-samples, --set) do not
 change its directory name: use a fresh --out when changing them, or finished runs are reused.
+Run one invocation per --out at a time (a second one would resume the runs the first is training),
+unless their --seeds are disjoint and the task has no shared SFT stage still to train.
 Data paths default to /work/shared/data/ (--data-dir). Runs are offline: HF_HUB_OFFLINE=1,
 HF_DATASETS_OFFLINE=1 and WANDB_MODE=disabled are set for them unless already set.
 """
@@ -48,10 +50,11 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = ("jeopardy", "haikus", "hh")
+KEEP_FILES = ("config.yaml", "metrics.jsonl", "summary.json")
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled"}
 
 # Budgets per device: labels per run, eval points after the first eval, held-out pairs scored
@@ -199,19 +202,21 @@ def finished(base: str, exp_name: str) -> Optional[str]:
 
 
 def prune(run_dir: str, keep_final_weights: bool) -> None:
-    """Delete a finished run's checkpoints; with keep_final_weights, keep LATEST's weights and tokenizer
-    (what `model.archive` reads) and drop only the optimizer state."""
-    latest = os.path.realpath(os.path.join(run_dir, "LATEST"))
+    """Reduce a finished run to KEEP_FILES (checkpoints, ledgers, samples are deleted). With
+    keep_final_weights (an SFT stage) LATEST and its step's weights and tokenizer stay too (what
+    `model.archive` reads), without the optimizer state."""
+    latest = os.path.realpath(os.path.join(run_dir, "LATEST")) if keep_final_weights else None
     for name in os.listdir(run_dir):
         path = os.path.join(run_dir, name)
-        if keep_final_weights and os.path.realpath(path) == latest:
-            state = os.path.join(path, "training_state.pt")
-            if name != "LATEST" and os.path.exists(state):
-                os.remove(state)
+        if name in KEEP_FILES:
             continue
-        if name.startswith(("step-", ".tmp-")) or name in ("wandb",):
+        if latest is not None and (name == "LATEST" or os.path.realpath(path) == latest):
+            state = os.path.join(latest, "training_state.pt")
+            if os.path.exists(state):
+                os.remove(state)
+        elif os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path)
-        elif name in ("LATEST", ".LATEST.tmp"):
+        else:
             os.remove(path)
 
 
