@@ -25,9 +25,11 @@ seeds. Finished runs are reduced to config.yaml, metrics.jsonl and summary.json 
 oracle ledgers, samples deleted) unless --keep-checkpoints; an SFT stage also keeps its final
 weights (small), which later seeds start from. Each run's console output goes to <out>/logs/.
 
-How long (2 shared CPU cores, CPU defaults, 3 seeds): jeopardy ~25 min, haikus ~15 min, hh ~12 min.
-Time grows linearly with seeds and labels. `--device cuda` uses bigger defaults (train.py picks the
-GPU by itself when one is present).
+How long (CPU defaults, measured on 2 CPU cores shared with other jobs, load 4-6, the three tasks
+running side by side): jeopardy 5-17 min per run, 9 runs (3 seeds) ~85 min of run time; haikus
+SFT 10 min, then 1-3 min per uniref run and 4-10 min per borda run; hh 8-13 min per seed (SFT and
+three DPO runs). Time grows linearly with seeds and labels. `--device cuda` uses bigger defaults
+(train.py picks the GPU by itself when one is present).
 
     python scripts/bench_sample_efficiency.py --task jeopardy --seeds 0 1 2 3 4 --out benchmarks/jeopardy
     python scripts/bench_sample_efficiency.py --task all --seeds 0 1 2 --out benchmarks   # <out>/<task>
@@ -98,6 +100,8 @@ def budget_overrides(args) -> List[str]:
 
 
 def jeopardy_dpo(args, strategy: str) -> List[str]:
+    # lr 2e-3 from a CPU pilot (uniform, seed 0, 64 labels): eval loss 0.642 and reward accuracy 0.69,
+    # against 0.677 and 0.59 at lr 5e-4; with a few dozen labels, 1e-4..5e-4 barely moves the LoRA.
     return ["model=smollm2-135m", "lora=true", "datasets=[jeopardy]",
             f"dataset_files.jeopardy={os.path.join(args.data_dir, 'jeopardy_clues.json')}",
             "loss=dpo", "loss.beta=0.1", "active=true", f"selection_strategy={strategy}", "selection_ratio=3",
@@ -121,6 +125,7 @@ def haiku_sft(args) -> List[str]:
 
 
 def haiku_dpo(args, strategy: str) -> List[str]:
+    # lr 5e-4: half the SFT stage's rate, not tuned by a pilot
     ratio = 1 if strategy == "uniref" else 3
     return [*haiku_common(args), "loss=dpo", "loss.beta=0.1", "online=true", "oracle=haiku",
             f"selection_strategy={strategy}", f"selection_ratio={ratio}", "num_action_samples=4",
@@ -167,6 +172,7 @@ def hh_sft(args) -> List[str]:
 
 
 def hh_dpo(args, strategy: str) -> List[str]:
+    # lr 5e-4: half the SFT stage's rate, not tuned by a pilot
     return [*hh_common(args), "loss=dpo", "loss.beta=0.1", "active=true", f"selection_strategy={strategy}",
             "selection_ratio=3", "batch_size=8", "lr=5e-4", "warmup_steps=0", *budget_overrides(args)]
 
