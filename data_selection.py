@@ -441,11 +441,27 @@ def data_kwargs(config, tokenizer) -> Dict:
 
 
 def prompt_formatter(config, tokenizer) -> Optional[Callable[[str], str]]:
-    """Instruction-tuned presets (model.chat_template=true) see each prompt as one user turn."""
+    """Instruction-tuned presets (model.chat_template=true) see each prompt as one user turn. Long
+    prompts are cut *before* templating (to max_prompt_length minus the template's own tokens), so
+    truncation never removes the assistant header the model answers after."""
     if not config.model.get("chat_template"):
         return None
-    return lambda prompt: tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                        add_generation_prompt=True)
+    from preference_datasets import truncation_mode_for
+
+    def template(text: str) -> str:
+        return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+
+    overhead = len(tokenizer(template(""), add_special_tokens=False).input_ids)
+    budget = max(1, int(config.max_prompt_length) - overhead)
+    keep_end = truncation_mode_for(config.datasets[0]) == "keep_end"
+
+    def fmt(prompt: str) -> str:
+        ids = tokenizer(prompt, add_special_tokens=False).input_ids
+        if len(ids) > budget:
+            prompt = tokenizer.decode(ids[-budget:] if keep_end else ids[:budget])
+        return template(prompt)
+
+    return fmt
 
 
 def build_source(config, policy, reference, tokenizer, device, run_dir: str, oracle=None):

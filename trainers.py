@@ -182,7 +182,8 @@ class BasicTrainer:
             reference_free=self.config.loss.reference_free, ipo=self.loss_name == "ipo")
         metrics[f"rewards_{split}/chosen"] = chosen_rewards
         metrics[f"rewards_{split}/rejected"] = rejected_rewards
-        metrics[f"rewards_{split}/accuracies"] = (chosen_rewards > rejected_rewards).float()
+        # a tie (e.g. policy == reference before any step) is a coin flip, not a miss
+        metrics[f"rewards_{split}/accuracies"] = (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
         metrics[f"rewards_{split}/margins"] = chosen_rewards - rejected_rewards
         metrics[f"logps_{split}/chosen"] = policy_chosen.detach()
         metrics[f"logps_{split}/rejected"] = policy_rejected.detach()

@@ -388,3 +388,19 @@ def test_reuse_scored_reference_falls_back_when_tokens_differ():
     elements = [dict(same), dict(other)]
     reuse_scored_reference(elements)
     assert all("reference_chosen_logps" not in e and "scored" not in e for e in elements)
+
+
+def test_chat_template_truncation_keeps_the_assistant_header(tokenizer):
+    import copy
+    from omegaconf import OmegaConf
+    from data_selection import prompt_formatter
+    tokenizer = copy.deepcopy(tokenizer)   # the fixture is shared by the session
+    tokenizer.chat_template = ("{% for m in messages %}<s>user: {{ m['content'] }}</s>{% endfor %}"
+                               "{% if add_generation_prompt %}<s>assistant:{% endif %}")
+    config = OmegaConf.create({"model": {"chat_template": True}, "max_prompt_length": 24, "datasets": ["jeopardy"]})
+    fmt = prompt_formatter(config, tokenizer)
+    long_prompt = "HISTORY, for $200: " + "This man was the first president of the United States. " * 10
+    formatted = fmt(long_prompt)
+    assert formatted.endswith("<s>assistant:") and formatted.startswith("<s>user: HISTORY")
+    assert len(tokenizer(formatted, add_special_tokens=False).input_ids) <= 24
+    assert fmt("short one") == "<s>user: short one</s><s>assistant:"
