@@ -39,7 +39,7 @@ Options that change a run's settings (--labels, --evals, --n-eval, --n-samples, 
 change its directory name: use a fresh --out when changing them, or finished runs are reused.
 Run one invocation per --out at a time (a second one would resume the runs the first is training),
 unless their --seeds are disjoint and the task has no shared SFT stage still to train.
-Data paths default to /work/shared/data/ (--data-dir). Runs are offline: HF_HUB_OFFLINE=1,
+Data is read from --data-dir (default ../shared/data). Runs are offline: HF_HUB_OFFLINE=1,
 HF_DATASETS_OFFLINE=1 and WANDB_MODE=disabled are set for them unless already set.
 """
 import argparse
@@ -316,7 +316,9 @@ def main(argv=None) -> int:
     parser.add_argument("--sft-examples", type=int, help="examples seen by the SFT stage (haikus, hh)")
     parser.add_argument("--out", required=True, help="results directory of the task (with --task all: their parent)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="which defaults to use")
-    parser.add_argument("--data-dir", default="/work/shared/data", help="holds jeopardy_clues.json, haiku_test.csv, hh_sample.jsonl")
+    parser.add_argument("--data-dir", default="../shared/data",
+                        help="folder holding jeopardy_clues.json (J! Archive JSON), haiku_test.csv (statworx/haiku) "
+                             "and hh_sample.jsonl (HH-RLHF rows); default ../shared/data")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra train.py override for every preference run (repeatable), e.g. --set lr=1e-4")
     parser.add_argument("--threads", type=int, default=None,

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-HH_SAMPLE = "/work/shared/data/hh_sample.jsonl"
+HH_SAMPLE = os.path.join(os.path.dirname(ROOT), "shared", "data", "hh_sample.jsonl")  # ../shared/data beside the checkout
 MODELS = ("tiny", "smollm2-135m")
 
 Pair = Tuple[List[int], List[int], List[int]]  # prompt ids, chosen ids, rejected ids
