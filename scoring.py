@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-CHUNK_BYTES = 64 << 20   # fp32 logits per projected chunk: 64 MiB (~340 rows of a 49k vocabulary)
+CHUNK_BYTES = 16 << 20   # fp32 logits per projected chunk: 16 MiB (~85 rows of a 49k vocabulary)
 
 
 def default_chunk(vocab_size: int) -> int:

@@ -247,32 +247,39 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, pairs, mon
 
 
 def test_kill_9_never_leaves_an_unloadable_latest_nor_loses_a_label(tmp_path):
-    """SIGKILL an online run at random moments; LATEST always loads and the ledger keeps every label."""
+    """SIGKILL an online run at a random moment after a checkpoint, resume it, kill it again (3 kills):
+    LATEST always loads, the ledger holds every label the checkpoint counted, and no label is bought twice."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
-    args = [sys.executable, "train.py", *tiny_overrides(
+    first = [sys.executable, "train.py", *tiny_overrides(
         tmp_path, "datasets=[haikus]", f"dataset_files.haikus={ROOT}/data/haiku_keywords.txt", "loss=dpo",
         "exp_name=kill", "online=true", "selection_strategy=uniref", "selection_ratio=1", "oracle=haiku",
         "batch_size=2", "n_examples=100000", "eval_every=2", "generation.max_new_tokens=8", "n_eval_model_samples=2")]
     rng = random.Random(0)
+    run_dir, latest_step = None, None
     for attempt in range(3):
+        args = first if run_dir is None else [sys.executable, "train.py", f"resume={run_dir}"]
         proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 120
-        while not glob.glob(f"{tmp_path}/runs/kill_*/LATEST") and time.time() < deadline:
-            time.sleep(0.2)
+        while time.time() < deadline:   # wait for a checkpoint newer than the one we resumed from
+            found = glob.glob(f"{tmp_path}/runs/kill_*/LATEST")
+            if found and os.readlink(found[0]) != latest_step:
+                break
+            time.sleep(0.1)
         time.sleep(rng.uniform(0.0, 1.5))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    for run_dir in glob.glob(f"{tmp_path}/runs/kill_*"):
+        run_dir = os.path.dirname(found[0])
         latest = os.path.join(run_dir, "LATEST")
+        latest_step = os.readlink(latest)
         torch.load(os.path.join(latest, "policy.pt"), weights_only=True)
         state = torch.load(os.path.join(latest, "training_state.pt"), weights_only=True)
-        ledger_path = os.path.join(run_dir, "oracle_ledger.jsonl")
-        with open(ledger_path) as f:
+        with open(os.path.join(run_dir, "oracle_ledger.jsonl")) as f:
             lines = f.read().split("\n")
-        complete = [json.loads(line) for line in lines[:-1]]  # everything before the last newline parses
-        labels_in_checkpoint = state["trainer"]["source"]["labels"]
-        assert len(complete) >= labels_in_checkpoint
-
+        ledger = [json.loads(line) for line in lines[:-1]]  # all but a torn last line parse
+        assert len(ledger) >= state["trainer"]["source"]["labels"]
+        keys = [r["key"] for r in ledger if r["winner"] is not None]
+        assert len(keys) == len(set(keys))                   # nothing bought twice across resumes
+    assert len(glob.glob(f"{tmp_path}/runs/kill_*")) == 1
 
 def test_quickstart_path_on_the_tiny_model(tmp_path):
     """`make demo` is experiment=demo on SmolLM2; the same preset runs end to end on the tiny model."""
