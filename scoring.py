@@ -14,13 +14,16 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-CHUNK_BYTES = 16 << 20   # fp32 logits per projected chunk: 16 MiB (~85 rows of a 49k vocabulary)
+# fp32 logits per projected chunk. Under autograd the backward keeps about three chunks alive, so they
+# are small (16 MiB, ~85 rows of a 49k vocabulary: peak memory); without grad only one chunk lives at
+# a time, and larger chunks read the head's weights fewer times (scoring speed).
+CHUNK_BYTES_GRAD = 16 << 20
+CHUNK_BYTES_NO_GRAD = 64 << 20
 
 
-def default_chunk(vocab_size: int) -> int:
-    """Rows projected at once: a 1024-row chunk of 49k-vocabulary logits is 192 MiB and its backward
-    holds about three, which shows in the peak; 64 MiB chunks cost no measurable speed."""
-    return max(64, CHUNK_BYTES // (4 * vocab_size))
+def default_chunk(vocab_size: int, grad: bool) -> int:
+    """Rows of hidden states projected onto the vocabulary at once."""
+    return max(64, (CHUNK_BYTES_GRAD if grad else CHUNK_BYTES_NO_GRAD) // (4 * vocab_size))
 
 
 def causal_lm_parts(model) -> Tuple[torch.nn.Module, torch.nn.Module]:
@@ -43,7 +46,8 @@ def token_logps(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tens
     """Chunked log p(targets | hidden). hidden (..., N, H), targets (N,) -> (..., N).
 
     Leading dims of `hidden` (e.g. K dropout masks) share the same targets."""
-    chunk_size = chunk_size or default_chunk(getattr(head, "out_features", None) or head.weight.shape[0])
+    chunk_size = chunk_size or default_chunk(getattr(head, "out_features", None) or head.weight.shape[0],
+                                             grad=torch.is_grad_enabled() and hidden.requires_grad)
     lead = hidden.shape[:-2]
     n = hidden.shape[-2]
     flat = hidden.reshape(-1, n, hidden.shape[-1])

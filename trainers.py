@@ -167,16 +167,17 @@ class BasicTrainer:
 
         concat = concatenated_inputs(batch)
         n = batch["chosen_input_ids"].shape[0]
-        all_logps = response_logps(self.policy, concat["input_ids"], concat["attention_mask"], concat["labels"])
-        policy_chosen, policy_rejected = all_logps[:n], all_logps[n:]
         if self.config.loss.reference_free:
-            ref_chosen = ref_rejected = torch.zeros_like(policy_chosen)
+            ref_chosen = ref_rejected = torch.zeros(n, device=concat["input_ids"].device)
         elif "reference_chosen_logps" in batch:
             # scored during selection: never pay for a second reference pass
             ref_chosen, ref_rejected = batch["reference_chosen_logps"], batch["reference_rejected_logps"]
         else:
+            # before the policy forward, so its transient buffers never coexist with saved activations
             ref_all = self.reference.logps(concat["input_ids"], concat["attention_mask"], concat["labels"])
             ref_chosen, ref_rejected = ref_all[:n], ref_all[n:]
+        all_logps = response_logps(self.policy, concat["input_ids"], concat["attention_mask"], concat["labels"])
+        policy_chosen, policy_rejected = all_logps[:n], all_logps[n:]
         losses, chosen_rewards, rejected_rewards = preference_loss(
             policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=self.config.loss.beta,
             reference_free=self.config.loss.reference_free, ipo=self.loss_name == "ipo")
