@@ -170,8 +170,12 @@ def load_tokenizer(config: DictConfig):
     elif model_cfg.get("gguf"):
         tokenizer = AutoTokenizer.from_pretrained(smollm2_directory(model_cfg, config.cache_dir))
     else:
-        tokenizer = AutoTokenizer.from_pretrained(model_cfg.name_or_path, token=os.environ.get("HF_TOKEN"),
-                                                  trust_remote_code=bool(model_cfg.trust_remote_code))
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model_cfg.name_or_path, token=os.environ.get("HF_TOKEN"),
+                                                      trust_remote_code=bool(model_cfg.trust_remote_code))
+        except OSError as e:
+            raise ConfigError(f"model.name_or_path={model_cfg.name_or_path}: cannot load its tokenizer "
+                              f"({' '.join(str(e).split())[:300]}); use a local directory, or set HF_TOKEN for gated models") from e
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -206,8 +210,12 @@ def load_model(config: DictConfig, tokenizer, dtype_name: str, quantize_4bit: bo
             model = quantize_tiny(model, kwargs["quantization_config"])
     else:
         source = smollm2_directory(model_cfg, config.cache_dir) if model_cfg.get("gguf") else model_cfg.name_or_path
-        model = AutoModelForCausalLM.from_pretrained(source, token=os.environ.get("HF_TOKEN"),
-                                                     trust_remote_code=bool(model_cfg.trust_remote_code), **kwargs)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source, token=os.environ.get("HF_TOKEN"),
+                                                         trust_remote_code=bool(model_cfg.trust_remote_code), **kwargs)
+        except OSError as e:  # not on the hub, offline without a cache, gated without HF_TOKEN
+            raise ConfigError(f"model.name_or_path={source}: cannot load ({' '.join(str(e).split())[:300]}); "
+                              "use a local directory, or set HF_TOKEN for gated models") from e
     if model_cfg.archive:
         directory = archive_directory(model_cfg.archive)
         if os.path.isdir(os.path.join(directory, "adapter")):

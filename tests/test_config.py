@@ -75,3 +75,15 @@ def test_cli_prints_one_line_and_exits_2(tmp_path):
                             cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["error: loss=sft cannot be combined with active=true or online=true; use loss=dpo (or ipo)"]
+
+
+def test_unreachable_hub_model_is_one_line(tmp_path):
+    """Offline, a hub preset that is not cached ends in one line naming the key, not a library traceback."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled", HF_HOME=str(tmp_path / "hf"))
+    result = subprocess.run([sys.executable, "train.py", "model=blank_model", f"model.name_or_path={tmp_path}/no_such_model",
+                             "datasets=[tests/fixtures/user_pairs.jsonl]", "loss=sft", "exp_name=x",
+                             f"local_dirs=[{tmp_path}/runs]", "wandb.enabled=false"],
+                            cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: model.name_or_path=") and "cannot load" in lines[0]
