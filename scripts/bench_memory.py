@@ -129,12 +129,9 @@ def run_child(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_arguments(parser, default_model="smollm2-135m")
+    add_common_arguments(parser, default_model="smollm2-135m", pairs=8, seq_len=64)
     parser.add_argument("--qlora", action="store_true", help="4-bit NF4 base (bitsandbytes) instead of full precision")
     parser.add_argument("--steps", type=int, default=3, help="DPO steps per configuration")
-    parser.add_argument("--pairs", type=int, default=8, help="batch size (pairs)")
-    parser.add_argument("--prompt-len", type=int, default=64, help="prompt tokens per sequence")
-    parser.add_argument("--response-len", type=int, default=64, help="response tokens per sequence")
     parser.add_argument("--activation-checkpointing", action="store_true",
                         help="recompute decoder layers in the backward, in both configurations")
     parser.add_argument("--glibc-cache", action="store_true",

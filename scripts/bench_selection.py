@@ -65,7 +65,9 @@ def command_line() -> str:
     return " ".join(shlex.quote(a) for a in [os.path.relpath(sys.executable, ROOT)] + sys.argv)
 
 
-def add_common_arguments(parser: argparse.ArgumentParser, default_model: str) -> None:
+def add_common_arguments(parser: argparse.ArgumentParser, default_model: str, pairs: int, seq_len: int,
+                         pairs_help: str = "batch size (pairs)") -> None:
+    """Flags every benchmark shares: device, model, data, cache, threads and the fixed batch shape."""
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--model", choices=MODELS, default=default_model)
     parser.add_argument("--data", default=HH_SAMPLE, help="Anthropic-HH jsonl ({chosen, rejected} dialogues), read in place")
@@ -73,6 +75,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_model: str) ->
                         help="converted SmolLM2 and built tokenizers (the config's cache_dir)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="CPU threads (1 is far steadier than 2 when other jobs share the cores)")
+    parser.add_argument("--pairs", type=int, default=pairs, help=pairs_help)
+    parser.add_argument("--prompt-len", type=int, default=seq_len, help="prompt tokens per sequence")
+    parser.add_argument("--response-len", type=int, default=seq_len, help="response tokens per sequence")
 
 
 def compose_config(args, *overrides: str):
@@ -234,13 +239,11 @@ def calibrate(args, model, sequences, device, pad_token_id) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_arguments(parser, default_model="smollm2-135m")
+    add_common_arguments(parser, default_model="smollm2-135m", pairs=24, seq_len=128,
+                         pairs_help="candidate pairs in the pool (2 sequences each)")
     parser.add_argument("--k", type=int, default=5, help="MC-dropout samples K")
     parser.add_argument("--p", type=float, default=0.05, help="dropout rate of the timed runs (llm_dropout)")
     parser.add_argument("--gamma", type=float, default=2.0, help="active_beta of the AE acquisition")
-    parser.add_argument("--pairs", type=int, default=24, help="candidate pairs in the pool (2 sequences each)")
-    parser.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per sequence")
-    parser.add_argument("--response-len", type=int, default=128, help="response tokens per sequence")
     parser.add_argument("--selection-batch-size", type=int, default=16, help="sequences per forward pass")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs in all, methods alternating")
     parser.add_argument("--start-with", choices=("ours", "naive"), default="ours")

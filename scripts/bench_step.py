@@ -132,11 +132,8 @@ def make_interleaver(device, warmup: int, steps: int, schedule: List[str], run_o
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_arguments(parser, default_model="tiny")
+    add_common_arguments(parser, default_model="tiny", pairs=8, seq_len=64)
     parser.add_argument("--lora", action="store_true", help="LoRA adapters (train.add_lora) instead of full fine-tuning")
-    parser.add_argument("--pairs", type=int, default=8, help="batch size (pairs)")
-    parser.add_argument("--prompt-len", type=int, default=64, help="prompt tokens per sequence")
-    parser.add_argument("--response-len", type=int, default=64, help="response tokens per sequence")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps of each trainer first")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per block")
     parser.add_argument("--blocks", type=int, default=3, help="alternating blocks in all (odd: A-B-A...)")
