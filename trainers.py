@@ -223,6 +223,7 @@ class BasicTrainer:
         self.policy.eval()
         collected = defaultdict(list)
         for batch in tqdm(self.eval_batches, desc="eval", leave=False, disable=len(self.eval_batches) < 2):
+            self.attach_reference_logps(batch)
             _, metrics = self.batch_metrics(_to(batch, self.device), train=False)
             for k, v in metrics.items():
                 collected[k].append(v.float().cpu())
@@ -230,6 +231,15 @@ class BasicTrainer:
         if self.sampler is not None:
             results.update(self.sampler(self))
         return results
+
+    def attach_reference_logps(self, batch: Dict) -> None:
+        """The reference never changes: score a held-out batch with it once, at the first eval."""
+        if self.loss_name == "sft" or self.config.loss.reference_free or "reference_chosen_logps" in batch:
+            return
+        concat = _to(concatenated_inputs(batch), self.device)
+        logps = self.reference.logps(concat["input_ids"], concat["attention_mask"], concat["labels"]).cpu()
+        n = batch["chosen_input_ids"].shape[0]
+        batch["reference_chosen_logps"], batch["reference_rejected_logps"] = logps[:n], logps[n:]
 
     # -- loop ------------------------------------------------------------------------------------
 

@@ -411,3 +411,22 @@ def test_chat_template_truncation_keeps_the_assistant_header(tokenizer):
     assert formatted.endswith("<s>assistant:") and formatted.startswith("<s>user: HISTORY")
     assert len(tokenizer(formatted, add_special_tokens=False).input_ids) <= 24
     assert fmt("short one") == "<s>user: short one</s><s>assistant:"
+
+
+def test_eval_scores_held_out_pairs_with_the_reference_once(tmp_path, pairs, monkeypatch):
+    from trainers import Reference
+    calls = []
+    original = Reference.logps
+
+    def counted(self, *args):
+        calls.append(args[0].shape[0])
+        return original(self, *args)
+
+    monkeypatch.setattr(Reference, "logps", counted)
+    summary = run(compose_config(tiny_overrides(tmp_path, f"datasets=[{pairs}]", "loss=dpo", "exp_name=ev",
+                                                "batch_size=8", "n_examples=24", "eval_every=8")))
+    n_eval_pairs = 5   # 10% of the 48 synthetic pairs
+    train_sequences = 2 * 24
+    # 4 evals (before, 8, 16, 24 labels) but the held-out pairs are scored by the reference once
+    assert sum(calls) == train_sequences + 2 * n_eval_pairs
+    assert summary["final_eval"]["loss/eval"] < summary["first_eval"]["loss/eval"]
