@@ -1,0 +1,154 @@
+"""scripts/bench_sample_efficiency.py without training: the train.py commands it builds are valid
+configs, its haiku data split keeps prompts out of training, and it skips, resumes, restarts and
+prunes runs the way its help says (so a long benchmark can be re-run after an interruption)."""
+import argparse
+import csv
+import os
+import shutil
+import sys
+
+import pytest
+
+from conftest import FIXTURES, ROOT, compose_config
+
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import bench_sample_efficiency as bench  # noqa: E402
+
+
+def train_overrides(output: str):
+    """The override lists of the `python -u train.py ...` lines a --dry-run printed (the SFT
+    checkpoint a later run starts from is not known yet and printed as a placeholder)."""
+    output = output.replace("<SFT run directory>", "SFT_RUN_DIR")
+    return [line.split(" train.py ", 1)[1].split() for line in output.splitlines() if " train.py " in line]
+
+
+def test_dry_run_prints_every_run_as_a_valid_config(tmp_path, capsys):
+    from train import check_config, check_model_preset
+    assert bench.main(["--task", "all", "--seeds", "0", "1", "--out", str(tmp_path), "--dry-run",
+                       "--set", "lr=1e-4"]) == 0
+    runs = train_overrides(capsys.readouterr().out)
+    # jeopardy: 3 strategies x 2 seeds; haikus: 1 shared SFT + 2 x 2; hh: an SFT per seed + 3 x 2
+    assert len(runs) == 6 + 5 + 8
+    names = [next(o for o in overrides if o.startswith("exp_name=")) for overrides in runs]
+    assert len(set(names)) == len(names)
+    for overrides in runs:
+        check_model_preset(overrides)
+        config = compose_config(overrides)
+        check_config(config)
+        if config.loss.name != "sft":
+            assert config.lr == 1e-4  # --set comes last, so it wins over the task's own lr
+            assert config.n_examples == {"jeopardy": 48, "haikus": 256, "hh": 480}[config.datasets[0]]
+            assert config.do_first_eval
+    assert bench.main(["--task", "hh", "--seeds", "3", "--labels", "64", "--evals", "2", "--out", str(tmp_path),
+                       "--dry-run"]) == 0
+    sft, *dpo = train_overrides(capsys.readouterr().out)
+    assert "seed=3" in sft and all("n_examples=64" in o and "eval_every=32" in o for o in dpo)
+
+
+def test_repeated_seeds_are_refused(tmp_path):
+    with pytest.raises(SystemExit):
+        bench.main(["--task", "hh", "--seeds", "1", "1", "--out", str(tmp_path), "--dry-run"])
+
+
+def test_strict_haiku_split_keeps_test_prompts_out_of_training(tmp_path, capsys):
+    from oracles import is_strict_haiku
+    from preference_datasets import _haiku_keywords
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(os.path.join(FIXTURES, "haiku.csv"), data / "haiku_test.csv")
+    with open(data / "haiku_test.csv", "a", newline="") as f:  # three lines, but 2-2-2 syllables
+        csv.writer(f).writerow(["1", "hand", "cold moon\nwhite snow\ndark night", "", "moon", "", "0.5", "--"])
+    with open(data / "haiku_test.csv", newline="") as f:
+        source = list(csv.DictReader(f))
+    args = argparse.Namespace(data_dir=str(data), out=str(tmp_path / "out"))
+    bench.write_strict_haikus(args)
+
+    def read(split):
+        with open(tmp_path / "out" / "data" / f"{split}.csv", newline="") as f:
+            return list(csv.DictReader(f))
+    train, test = read("train"), read("test")
+    strict = [r for r in source if is_strict_haiku(r["text"], _haiku_keywords(r["keywords"]))]
+    assert 0 < len(strict) < len(source)
+    assert sorted(r["__hf_index_id"] for r in train + test) == sorted(r["__hf_index_id"] for r in strict)
+    assert test and train
+    assert not {r["keywords"] for r in train} & {r["keywords"] for r in test}
+    assert list(train[0]) == list(source[0])  # the source's columns, so the haikus loader reads it
+    os.remove(data / "haiku_test.csv")  # a second call reuses the split and never reads the source again
+    bench.write_strict_haikus(args)
+    assert read("test") == test
+
+
+def runner(tmp_path, **flags):
+    args = argparse.Namespace(out=str(tmp_path / "out"), threads=1, dry_run=False, keep_checkpoints=False)
+    vars(args).update(flags)
+    return bench.Runner(args)
+
+
+def make_run(base, exp_name, stamp="2026-01-01_00-00-00_000000", finished=True, checkpoint=True):
+    """A run directory as train.py leaves it."""
+    run = base / f"{exp_name}_{stamp}"
+    (run / "step-2").mkdir(parents=True)
+    for name in ("config.yaml", "metrics.jsonl", "oracle_ledger.jsonl", "step-2/model.safetensors",
+                 "step-2/training_state.pt", "step-2/tokenizer.json"):
+        (run / name).write_text("x")
+    if checkpoint:
+        os.symlink("step-2", run / "LATEST")
+    if finished:
+        (run / "summary.json").write_text("{}")
+    return run
+
+
+def test_finished_runs_are_skipped_interrupted_ones_resumed_or_restarted(tmp_path, capsys):
+    base = tmp_path / "runs"
+    done = make_run(base, "hh_uniform_s0")
+    make_run(base, "hh_uniform_s10")  # another seed's run, whose name starts with "hh_uniform_s1"
+    interrupted = make_run(base, "hh_us_s0", finished=False)
+    make_run(base, "hh_ae_s0", finished=False, checkpoint=False)
+    dry = runner(tmp_path, dry_run=True)
+    assert dry.ensure(str(base), "hh_uniform_s0", ["seed=0"]) == str(done)
+    assert dry.ensure(str(base), "hh_us_s0", ["seed=0"]) is None
+    assert dry.ensure(str(base), "hh_ae_s0", ["seed=0"]) is None
+    assert dry.ensure(str(base), "hh_uniform_s1", ["seed=1"]) is None
+    out = capsys.readouterr().out
+    assert "[skip] hh_uniform_s0" in out
+    assert f"train.py resume={interrupted}\n" in out
+    assert f"train.py seed=0 exp_name=hh_ae_s0 local_dirs=[{base}] wandb.enabled=false\n" in out
+    assert "exp_name=hh_uniform_s1 " in out and "[skip] hh_uniform_s1" not in out
+
+
+def fake_train(base, commands, rc=0):
+    """Stands in for subprocess.call(train.py ...): makes the run directory train.py would."""
+    def call(command, cwd, env, stdout, stderr):
+        commands.append((command, env))
+        stdout.write("training...\n")
+        if rc == 0:
+            name = next(a for a in command if a.startswith("exp_name=")).split("=", 1)[1]
+            make_run(base, name, stamp="2026-01-02_00-00-00_000000")
+        return rc
+    return call
+
+
+def test_a_trained_run_is_pruned_to_its_results(tmp_path, monkeypatch):
+    base = tmp_path / "runs"
+    stale = make_run(base, "hh_ae_s0", finished=False, checkpoint=False)
+    commands = []
+    monkeypatch.setattr(bench.subprocess, "call", fake_train(base, commands))
+    run = runner(tmp_path).ensure(str(base), "hh_ae_s0", ["seed=0"])
+    assert not stale.exists()  # interrupted before its first checkpoint: started again
+    assert sorted(os.listdir(run)) == ["config.yaml", "metrics.jsonl", "summary.json"]
+    (command, env), = commands
+    assert env["OMP_NUM_THREADS"] == "1" and env["HF_HUB_OFFLINE"] == "1"
+    assert "$ " + " ".join(command) in (tmp_path / "out" / "logs" / "hh_ae_s0.log").read_text()
+
+    sft = runner(tmp_path).ensure(str(base), "hh_sft_s0", ["seed=0"], keep_final_weights=True)
+    # an SFT stage keeps what model.archive reads (LATEST and its weights), not the optimizer state
+    assert sorted(os.listdir(sft)) == ["LATEST", "config.yaml", "metrics.jsonl", "step-2", "summary.json"]
+    assert sorted(os.listdir(os.path.join(sft, "LATEST"))) == ["model.safetensors", "tokenizer.json"]
+
+
+def test_a_failed_run_stops_the_benchmark_with_its_log(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench.subprocess, "call", fake_train(tmp_path / "runs", [], rc=1))
+    with pytest.raises(SystemExit) as exit_info:
+        runner(tmp_path).ensure(str(tmp_path / "runs"), "hh_us_s1", ["seed=1"])
+    message = str(exit_info.value)
+    assert message.startswith("hh_us_s1 failed (exit code 1)") and "training..." in message
