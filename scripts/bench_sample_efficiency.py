@@ -25,13 +25,14 @@ seeds. Finished runs are reduced to config.yaml, metrics.jsonl and summary.json 
 oracle ledgers, samples deleted) unless --keep-checkpoints; an SFT stage also keeps its final
 weights (small), which later seeds start from. Each run's console output goes to <out>/logs/.
 
-How long (CPU defaults, measured on 2 CPU cores shared with other jobs, load 4-6, the three tasks
-running side by side): jeopardy 5-17 min per run, 9 runs (3 seeds) ~85 min of run time; haikus
-SFT 10 min, then 1-3 min per uniref run and 4-10 min per borda run; hh 8-13 min per seed (SFT and
-three DPO runs). Time grows linearly with seeds and labels. `--device cuda` uses bigger defaults
-(train.py picks the GPU by itself when one is present).
+How long (CPU defaults, 1 thread per run, measured on 2 CPU cores with 2-3 runs side by side):
+jeopardy 7-10 min per uniform run, 10-14 min per us or ae run, so 15 runs (5 seeds) are ~2.8 h of
+run time, ~1.5 h with two invocations of disjoint seeds; haikus SFT 10 min, then ~35 s per uniref
+run and ~2.5 min per borda run on a free core; hh ~4 min per seed (SFT and three DPO runs). Time
+grows linearly with seeds and labels. `--device cuda` uses bigger defaults (train.py picks the GPU
+by itself when one is present).
 
-    python scripts/bench_sample_efficiency.py --task jeopardy --seeds 0 1 2 3 4 --out benchmarks/jeopardy
+    python scripts/bench_sample_efficiency.py --task jeopardy --seeds 0 1 2 3 4 --out benchmarks/jeopardy_240labels
     python scripts/bench_sample_efficiency.py --task all --seeds 0 1 2 --out benchmarks   # <out>/<task>
     python scripts/bench_sample_efficiency.py --task haikus --labels 512 --out benchmarks/haikus --dry-run
 
@@ -63,7 +64,7 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": 
 # (n_eval_examples), held-out prompts answered greedily (n_eval_model_samples), SFT examples.
 DEFAULTS = {
     "cpu": {
-        "jeopardy": {"labels": 48, "evals": 3, "n_eval": 24, "n_samples": 24},
+        "jeopardy": {"labels": 240, "evals": 3, "n_eval": 48, "n_samples": 48},
         "haikus": {"labels": 256, "evals": 4, "n_eval": 64, "n_samples": 128, "sft_examples": 12000},
         "hh": {"labels": 480, "evals": 4, "n_eval": 256, "n_samples": 0, "sft_examples": 2400},
     },
@@ -100,12 +101,13 @@ def budget_overrides(args) -> List[str]:
 
 
 def jeopardy_dpo(args, strategy: str) -> List[str]:
-    # lr 2e-3 from a CPU pilot (uniform, seed 0, 64 labels): eval loss 0.642 and reward accuracy 0.69,
-    # against 0.677 and 0.59 at lr 5e-4; with a few dozen labels, 1e-4..5e-4 barely moves the LoRA.
+    # lr 1e-3 from CPU pilots (uniform): at 64 labels 5e-4 barely moved the LoRA (held-out loss 0.677);
+    # 2e-3 was noisy (after 48 labels the loss was above its starting 0.693 in 3 of 5 seeds, up to
+    # 0.740); 1e-3 lowered it steadily over 240 labels (0.693 -> 0.658 -> 0.641 -> 0.596, seed 0).
     return ["model=smollm2-135m", "lora=true", "datasets=[jeopardy]",
             f"dataset_files.jeopardy={os.path.join(args.data_dir, 'jeopardy_clues.json')}",
             "loss=dpo", "loss.beta=0.1", "active=true", f"selection_strategy={strategy}", "selection_ratio=3",
-            "batch_size=8", "eval_batch_size=16", "optimizer=AdamW", "lr=2e-3", "warmup_steps=2",
+            "batch_size=8", "eval_batch_size=16", "optimizer=AdamW", "lr=1e-3", "warmup_steps=2",
             "max_length=96", "max_prompt_length=80", "generation.max_new_tokens=16", *budget_overrides(args)]
 
 

@@ -37,7 +37,7 @@ def test_dry_run_prints_every_run_as_a_valid_config(tmp_path, capsys):
         check_config(config)
         if config.loss.name != "sft":
             assert config.lr == 1e-4  # --set comes last, so it wins over the task's own lr
-            assert config.n_examples == {"jeopardy": 48, "haikus": 256, "hh": 480}[config.datasets[0]]
+            assert config.n_examples == {"jeopardy": 240, "haikus": 256, "hh": 480}[config.datasets[0]]
             assert config.do_first_eval
     assert bench.main(["--task", "hh", "--seeds", "3", "--labels", "64", "--evals", "2", "--out", str(tmp_path),
                        "--dry-run"]) == 0
