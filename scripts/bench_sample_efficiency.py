@@ -57,6 +57,7 @@ from typing import Callable, List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = ("jeopardy", "haikus", "hh")
+DATA_FILES = {"jeopardy": "jeopardy_clues.json", "haikus": "haiku_test.csv", "hh": "hh_sample.jsonl"}  # in --data-dir
 KEEP_FILES = ("config.yaml", "metrics.jsonl", "summary.json")
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled"}
 
@@ -95,6 +96,10 @@ class Task:
     prepare: Optional[Callable[[argparse.Namespace], None]] = field(default=None, repr=False)
 
 
+def data_file(args, task: str) -> str:
+    return os.path.join(args.data_dir, DATA_FILES[task])
+
+
 def budget_overrides(args) -> List[str]:
     return [f"n_examples={args.labels}", f"eval_every={max(1, args.labels // args.evals)}", "do_first_eval=true",
             f"n_eval_examples={args.n_eval}", f"n_eval_model_samples={args.n_samples}"]
@@ -105,7 +110,7 @@ def jeopardy_dpo(args, strategy: str) -> List[str]:
     # 2e-3 was noisy (after 48 labels the loss was above its starting 0.693 in 3 of 5 seeds, up to
     # 0.740); 1e-3 lowered it steadily over 240 labels (0.693 -> 0.658 -> 0.641 -> 0.596, seed 0).
     return ["model=smollm2-135m", "lora=true", "datasets=[jeopardy]",
-            f"dataset_files.jeopardy={os.path.join(args.data_dir, 'jeopardy_clues.json')}",
+            f"dataset_files.jeopardy={data_file(args, 'jeopardy')}",
             "loss=dpo", "loss.beta=0.1", "active=true", f"selection_strategy={strategy}", "selection_ratio=3",
             "batch_size=8", "eval_batch_size=16", "optimizer=AdamW", "lr=1e-3", "warmup_steps=2",
             "max_length=96", "max_prompt_length=80", "generation.max_new_tokens=16", *budget_overrides(args)]
@@ -143,9 +148,12 @@ def write_strict_haikus(args) -> None:
     directory = haiku_data_dir(args)
     if os.path.exists(os.path.join(directory, "test.csv")):
         return
-    with open(os.path.join(args.data_dir, "haiku_test.csv"), newline="", encoding="utf-8") as f:
+    source = data_file(args, "haikus")
+    with open(source, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
-        columns, rows = reader.fieldnames, list(reader)
+        columns, rows = reader.fieldnames or [], list(reader)
+    if not {"text", "keywords"} <= set(columns):
+        sys.exit(f"error: {source}: expected the statworx/haiku columns text and keywords, found {columns}")
     strict = [r for r in rows if is_strict_haiku(r["text"], _haiku_keywords(r["keywords"]))]
     keyword_sets = sorted({" ".join(_haiku_keywords(r["keywords"])) for r in strict})
     random.Random("bench-haiku-split").shuffle(keyword_sets)
@@ -164,7 +172,7 @@ def write_strict_haikus(args) -> None:
 
 
 def hh_common(args) -> List[str]:
-    return ["model=tiny", "datasets=[hh]", f"dataset_files.hh={os.path.join(args.data_dir, 'hh_sample.jsonl')}",
+    return ["model=tiny", "datasets=[hh]", f"dataset_files.hh={data_file(args, 'hh')}",
             "pretrain_fraction=0.3", "optimizer=AdamW", "max_length=192", "max_prompt_length=128", "eval_batch_size=32"]
 
 
@@ -335,6 +343,9 @@ def main(argv=None) -> int:
         args.threads = 1
     sys.path.insert(0, ROOT)
     tasks = TASKS if args.task == "all" else (args.task,)
+    missing = [DATA_FILES[name] for name in tasks if not os.path.isfile(data_file(args, name))]
+    if missing and not args.dry_run:
+        parser.error(f"--data-dir {args.data_dir}: {', '.join(missing)} not found")
     for name in tasks:
         task_args = argparse.Namespace(**vars(args))
         if args.task == "all":

@@ -45,9 +45,28 @@ def test_dry_run_prints_every_run_as_a_valid_config(tmp_path, capsys):
     assert "seed=3" in sft and all("n_examples=64" in o and "eval_every=32" in o for o in dpo)
 
 
-def test_repeated_seeds_are_refused(tmp_path):
-    with pytest.raises(SystemExit):
+def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
         bench.main(["--task", "hh", "--seeds", "1", "1", "--out", str(tmp_path), "--dry-run"])
+    assert exit_info.value.code == 2 and "--seeds: each seed once" in capsys.readouterr().err
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "hh_sample.jsonl").write_text("{}\n")
+    with pytest.raises(SystemExit) as exit_info:  # checked before any run starts, for every task
+        bench.main(["--task", "all", "--out", str(tmp_path / "out"), "--data-dir", str(tmp_path / "data")])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_info.value.code == 2
+    assert err.endswith(f"--data-dir {tmp_path / 'data'}: jeopardy_clues.json, haiku_test.csv not found")
+    assert not (tmp_path / "out").exists()
+
+
+def test_haiku_source_without_its_columns_is_a_one_line_error(tmp_path):
+    shutil.copy(os.path.join(FIXTURES, "haiku_wrong_columns.csv"), tmp_path / "haiku_test.csv")
+    args = argparse.Namespace(data_dir=str(tmp_path), out=str(tmp_path / "out"))
+    with pytest.raises(SystemExit) as exit_info:
+        bench.write_strict_haikus(args)
+    message = str(exit_info.value)
+    assert message.startswith(f"error: {tmp_path / 'haiku_test.csv'}: expected the statworx/haiku columns")
+    assert "['id', 'poem', 'tags']" in message
 
 
 def test_strict_haiku_split_keeps_test_prompts_out_of_training(tmp_path, capsys):
