@@ -17,7 +17,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 from tqdm import tqdm
 
-from preference_datasets import collate
+from preference_datasets import collate, iterate_elements, iterate_prompts, tokenize_element, truncation_mode_for
 from scoring import mc_dropout_logps
 from utils import ConfigError
 
@@ -446,8 +446,6 @@ def prompt_formatter(config, tokenizer) -> Optional[Callable[[str], str]]:
     truncation never removes the assistant header the model answers after."""
     if not config.model.get("chat_template"):
         return None
-    from preference_datasets import truncation_mode_for
-
     def template(text: str) -> str:
         return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
 
@@ -466,7 +464,6 @@ def prompt_formatter(config, tokenizer) -> Optional[Callable[[str], str]]:
 
 def build_source(config, policy, reference, tokenizer, device, run_dir: str, oracle=None):
     """The batch source the trainer consumes, chosen by active/online/selection_strategy."""
-    from preference_datasets import iterate_elements, iterate_prompts, tokenize_element, truncation_mode_for
     names, kwargs = list(config.datasets), data_kwargs(config, tokenizer)
     selector = selector_for(config)
     if config.online:
@@ -507,7 +504,6 @@ def build_source(config, policy, reference, tokenizer, device, run_dir: str, ora
 def eval_batches(config, tokenizer) -> List[Dict]:
     """Held-out batches (one pass over the test split, at most n_eval_examples) for the loss/reward
     metrics; empty for data without pairs in DPO mode."""
-    from preference_datasets import iterate_elements
     sft_mode = config.loss.name == "sft" or (config.online and config.online_loss == "sft_winner")
     elements = list(itertools.islice(iterate_elements(list(config.datasets), tokenizer, "test", shuffle=False, sft_mode=sft_mode,
                                                       n_epochs=1, silent=True, **data_kwargs(config, tokenizer)),

@@ -156,6 +156,14 @@ def archive_directory(archive: str) -> str:
     raise ConfigError(f"model.archive={archive} does not exist (expected a policy.pt file or a checkpoint directory)")
 
 
+def hub_load_error(source: str, what: str, error: OSError) -> ConfigError:
+    """One line for a model that from_pretrained cannot read: not on the hub, offline without a
+    cache, or gated without HF_TOKEN (the library's message is kept, on one line)."""
+    reason = " ".join(str(error).split())[:300]
+    return ConfigError(f"model.name_or_path={source}: cannot load {what} ({reason}); "
+                       "use a local directory, or set HF_TOKEN for gated models")
+
+
 def load_tokenizer(config: DictConfig):
     from transformers import AutoTokenizer
     model_cfg = config.model
@@ -174,8 +182,7 @@ def load_tokenizer(config: DictConfig):
             tokenizer = AutoTokenizer.from_pretrained(model_cfg.name_or_path, token=os.environ.get("HF_TOKEN"),
                                                       trust_remote_code=bool(model_cfg.trust_remote_code))
         except OSError as e:
-            raise ConfigError(f"model.name_or_path={model_cfg.name_or_path}: cannot load its tokenizer "
-                              f"({' '.join(str(e).split())[:300]}); use a local directory, or set HF_TOKEN for gated models") from e
+            raise hub_load_error(model_cfg.name_or_path, "its tokenizer", e) from e
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -213,9 +220,8 @@ def load_model(config: DictConfig, tokenizer, dtype_name: str, quantize_4bit: bo
         try:
             model = AutoModelForCausalLM.from_pretrained(source, token=os.environ.get("HF_TOKEN"),
                                                          trust_remote_code=bool(model_cfg.trust_remote_code), **kwargs)
-        except OSError as e:  # not on the hub, offline without a cache, gated without HF_TOKEN
-            raise ConfigError(f"model.name_or_path={source}: cannot load ({' '.join(str(e).split())[:300]}); "
-                              "use a local directory, or set HF_TOKEN for gated models") from e
+        except OSError as e:
+            raise hub_load_error(source, "its weights", e) from e
     if model_cfg.archive:
         directory = archive_directory(model_cfg.archive)
         if os.path.isdir(os.path.join(directory, "adapter")):

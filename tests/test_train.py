@@ -265,6 +265,9 @@ def test_kill_9_never_leaves_an_unloadable_latest_nor_loses_a_label(tmp_path):
             if found and os.readlink(found[0]) != latest_step:
                 break
             time.sleep(0.1)
+        else:
+            proc.kill()
+            raise AssertionError(f"kill #{attempt + 1}: no new checkpoint within 120 s")
         time.sleep(rng.uniform(0.0, 1.5))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
