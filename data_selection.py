@@ -1,14 +1,15 @@
-"""Which preference labels to buy: acquisition functions (pure tensor math) and the batch sources
-that feed the trainer (plain data, offline active selection, the online generate-select-label loop).
+"""Which preference labels to buy: the strategy table, the acquisition functions (pure tensor math),
+and the batch sources that feed the trainer (plain data, offline active selection, the online
+generate -> score -> select -> label -> batch loop).
 
-Acquisition functions take hand-made tensors and are tested as such; the sources do the model calls
-through scoring.py (one trunk pass per sequence for the policy's MC-dropout, one reference pass)
-and hand the reference log-probs they computed to the DPO step so it never recomputes them.
-
-Adding a strategy: write its acquisition function and add one entry to OFFLINE_SELECTORS or
-ONLINE_SELECTORS.
+Adding a strategy touches one place: write its `select` function and add one `Strategy` entry to
+STRATEGIES. The config check, the sources and the scoring read what the entry declares. Scores come
+from scoring.score_sequences (one call for every selector: the policy's centre and spread from the
+configured estimator, one reference pass), and the reference log-probs computed there are handed to
+the DPO step so it never recomputes them.
 """
 import itertools
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -17,9 +18,10 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 from tqdm import tqdm
 
-from preference_datasets import collate, iterate_elements, iterate_prompts, tokenize_element, truncation_mode_for
-from scoring import mc_dropout_logps
-from utils import ConfigError
+from oracles import LEDGER_FILENAME, Ledger, Query, judge_with_budget
+from preference_datasets import (collate, iterate_elements, iterate_prompts, pair_element, tokenize_prompt,
+                                 tokenize_response, truncation_mode_for)
+from scoring import ESTIMATORS, score_sequences
 
 
 # ----------------------------------------------------------------------------------------------
@@ -28,7 +30,7 @@ from utils import ConfigError
 def ae_acquisition(mu: torch.Tensor, sigma: torch.Tensor, ref: torch.Tensor, gamma: float) -> torch.Tensor:
     """AE-DPO: width of the confidence interval on the better response's implicit reward.
 
-    mu, sigma, ref: (P, 2) policy MC mean, MC std and reference log-prob of both responses (nats).
+    mu, sigma, ref: (P, 2) policy centre, spread and reference log-prob of both responses (nats).
     acq = max_i (mu_i + gamma sigma_i - ref_i) - max_i (mu_i - gamma sigma_i - ref_i). Returns (P,).
     """
     upper = (mu + gamma * sigma - ref).max(dim=-1).values
@@ -37,7 +39,7 @@ def ae_acquisition(mu: torch.Tensor, sigma: torch.Tensor, ref: torch.Tensor, gam
 
 
 def us_acquisition(var: torch.Tensor) -> torch.Tensor:
-    """US-DPO: mean MC variance of the two responses. var (P, 2) -> (P,)."""
+    """US-DPO: mean variance of the two responses. var (P, 2) -> (P,)."""
     return var.mean(dim=-1)
 
 
@@ -47,7 +49,7 @@ def borda_bounds(policy_mu: torch.Tensor, policy_sigma: torch.Tensor, policy_ref
     """Optimistic and pessimistic Borda scores of the policy's samples against the reference's.
 
     policy_*: (P, m) for the policy samples a_i; other_*: (P, m) for the reference samples a'_j.
-    mu/sigma are the policy's MC log-prob mean/std, ref the reference log-prob (nats).
+    mu/sigma are the policy's log-prob centre/spread, ref the reference log-prob (nats).
     P+[i,j] = sigmoid(beta ((U(a_i) - ref(a_i)) - (L(a'_j) - ref(a'_j)))), P- with U and L swapped;
     returns b+ = mean_j P+ (P, m), b- = mean_j P- (P, m).
     """
@@ -71,64 +73,84 @@ def top_k(acquisition: torch.Tensor, k: int) -> List[int]:
     return order[:k]
 
 
+# ----------------------------------------------------------------------------------------------
+# Selectors: scores in, the kept candidates out
+
+@dataclass
+class Selection:
+    """rows: kept candidates (pairs offline, prompts online), best first. responses (online): per kept
+    prompt, (index of the policy sample, index of the reference sample) to send to the oracle.
+    acquisition: (P,) value of every candidate, None for strategies that score nothing."""
+    rows: List[int]
+    responses: Optional[List[Tuple[int, int]]] = None
+    acquisition: Optional[torch.Tensor] = None
+
+
+def select_first(scores, n: int, want: int, config, rng: random.Random) -> Selection:
+    """Uniform / Uniform-DPO: the first `want` of the n candidates of the seeded shuffle; online, the
+    first policy sample against the first reference sample."""
+    rows = list(range(min(want, n)))
+    return Selection(rows, [(0, 0)] * len(rows) if config.online else None)
+
+
+def select_us(scores, n: int, want: int, config, rng) -> Selection:
+    """US-DPO: scores (P, 2); the pairs with the largest mean variance."""
+    acquisition = us_acquisition(scores["sigma"] ** 2)
+    return Selection(top_k(acquisition, want), acquisition=acquisition)
+
+
+def select_ae(scores, n: int, want: int, config, rng) -> Selection:
+    """AE-DPO: scores (P, 2); the pairs with the widest interval on the better response's implicit reward."""
+    acquisition = ae_acquisition(scores["mu"], scores["sigma"], scores["ref"], float(config.active_beta))
+    return Selection(top_k(acquisition, want), acquisition=acquisition)
+
+
+def select_borda(scores, n: int, want: int, config, rng: random.Random) -> Selection:
+    """AE-Borda: scores (P, 2m), the m policy samples first. Keeps the `want` prompts with the largest
+    Borda gap; per prompt, the policy sample with the largest b+ against a uniformly drawn reference sample."""
+    m = scores["mu"].shape[1] // 2
+    mu, sigma, ref = scores["mu"], scores["sigma"], scores["ref"]
+    b_plus, b_minus = borda_bounds(mu[:, :m], sigma[:, :m], ref[:, :m], mu[:, m:], sigma[:, m:], ref[:, m:],
+                                   beta=float(config.loss.beta), gamma=float(config.active_beta))
+    acquisition = borda_acquisition(b_plus, b_minus)
+    rows = top_k(acquisition, want)
+    return Selection(rows, [(int(b_plus[i].argmax()), rng.randrange(m)) for i in rows], acquisition)
+
+
 @dataclass(frozen=True)
-class Selector:
-    """needs: which scores the acquisition reads ('none', 'variance' or 'interval')."""
-    needs: str
-    acquisition: Optional[Callable] = None
+class Strategy:
+    """select(scores, n, want, config, rng) -> Selection, where scores holds (n, columns) tensors mu,
+    sigma, ref (whichever the strategy needs; empty when it needs none) for n candidates.
+    mode: 'offline' (pairs from a labelled set) or 'online' (generated responses, oracle labels).
+    needs_spread: reads the estimator's centre and spread of log pi (so mc_samples >= 2).
+    needs_reference: reads reference log-probs. scores_pool: draws batch_size * selection_ratio
+    candidates (False: exactly batch_size, the ratio has no effect). one_sample: online, one policy and
+    one reference sample per prompt instead of num_action_samples. ratio_one: requires selection_ratio=1."""
+    mode: str
+    select: Callable[..., Selection]
+    needs_spread: bool = False
+    needs_reference: bool = False
+    scores_pool: bool = True
+    one_sample: bool = False
+    ratio_one: bool = False
 
 
-OFFLINE_SELECTORS: Dict[str, Selector] = {
-    "uniform": Selector("none"),
-    "us": Selector("variance", lambda s, cfg: us_acquisition(s["var"])),
-    "ae": Selector("interval", lambda s, cfg: ae_acquisition(s["mu"], s["var"].sqrt(), s["ref"], cfg.active_beta)),
+STRATEGIES: Dict[str, Strategy] = {
+    "uniform": Strategy("offline", select_first, scores_pool=False),
+    "us": Strategy("offline", select_us, needs_spread=True),
+    "ae": Strategy("offline", select_ae, needs_spread=True, needs_reference=True),
+    "uniref": Strategy("online", select_first, scores_pool=False, one_sample=True, ratio_one=True),
+    "borda": Strategy("online", select_borda, needs_spread=True, needs_reference=True),
 }
-ONLINE_SELECTORS: Dict[str, Selector] = {
-    "uniref": Selector("none"),
-    "borda": Selector("interval", None),  # scored in OnlineSource: it also picks the response, not only the prompt
-}
 
 
-def selector_for(config) -> Optional[Selector]:
-    registry = ONLINE_SELECTORS if config.online else OFFLINE_SELECTORS if config.active else None
-    if registry is None:
-        return None
-    if config.selection_strategy not in registry:
-        mode = "online=true" if config.online else "active=true"
-        raise ConfigError(f"selection_strategy={config.selection_strategy} is not available with {mode}; "
-                          f"allowed: {', '.join(registry)}")
-    return registry[config.selection_strategy]
+def strategy_names(mode: str) -> List[str]:
+    """The strategies of a mode, the default (baseline) first."""
+    return [name for name, s in STRATEGIES.items() if s.mode == mode]
 
 
 # ----------------------------------------------------------------------------------------------
 # Scoring candidates (model calls)
-
-def score_sequences(policy, reference, sequences: List[Dict], config, device, pad_token_id: int,
-                    need_policy: bool, need_reference: bool, generator=None) -> Dict[str, torch.Tensor]:
-    """MC-dropout mean/variance under the policy and/or the reference log-prob of each sequence.
-
-    sequences: dicts with input_ids/attention_mask/labels lists (prompt + one response each).
-    Minibatched by `selection_batch_size` over the sequences sorted by length, so each minibatch is
-    padded to a length close to its own sequences'. Returns any of mu (S,), var (S,), ref (S,) on CPU,
-    fp32, in the order of `sequences`.
-    """
-    out = {"mu": [], "var": [], "ref": []}
-    size = int(config.selection_batch_size)
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]["input_ids"]))
-    for start in range(0, len(order), size):
-        batch = collate([sequences[i] for i in order[start:start + size]], pad_token_id)
-        ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
-        if need_policy:
-            mu, var = mc_dropout_logps(policy, ids, mask, labels, k=int(config.mc_samples), p=float(config.llm_dropout),
-                                       method=config.uncertainty_method, generator=generator)
-            out["mu"].append(mu.cpu())
-            out["var"].append(var.cpu())
-        if need_reference:
-            out["ref"].append(reference.logps(ids, mask, labels).cpu())
-    inverse = torch.empty(len(order), dtype=torch.long)
-    inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
-    return {k: torch.cat(v)[inverse] for k, v in out.items() if v}
-
 
 def pair_sequences(elements: List[Dict]) -> Tuple[List[Dict], List[bool]]:
     """Flatten pairs into sequences [e0.first, e0.second, e1.first, ...] for scoring, where the two
@@ -145,11 +167,53 @@ def pair_sequences(elements: List[Dict]) -> Tuple[List[Dict], List[bool]]:
     return seqs, flipped
 
 
-def warn_if_no_variance(var: torch.Tensor, state: Dict) -> None:
-    if not state.get("warned_zero_variance") and var.numel() and float(var.abs().max()) == 0.0:
-        state["warned_zero_variance"] = True
-        tqdm.write("WARNING: every MC-dropout variance is zero (no dropout active: llm_dropout=0 and "
-                   "uncertainty_method=head?); the acquisition ranks ties, i.e. selection is not active.")
+class CandidateScorer:
+    """Scores candidate sequences for one strategy: the estimator's centre/spread under the policy when
+    the strategy reads them, the reference log-prob when it reads that. Owns the seeded generator of
+    the estimator's randomness (saved with checkpoints) and warns once when every spread is zero."""
+
+    def __init__(self, strategy: Strategy, policy, reference, config, pad_token_id: int, device, seed: int):
+        self.strategy, self.policy, self.reference, self.config = strategy, policy, reference, config
+        self.pad_token_id, self.device = pad_token_id, device
+        self.estimator = ESTIMATORS[config.uncertainty_method](config) if strategy.needs_spread else None
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+        self.warned_zero_spread = False
+
+    def __call__(self, sequences: List[Dict], columns: int) -> Dict[str, torch.Tensor]:
+        """Scores of `sequences` viewed as (len // columns, columns) per key."""
+        scores = score_sequences(self.policy, self.reference if self.strategy.needs_reference else None, sequences,
+                                 estimator=self.estimator, pad_token_id=self.pad_token_id,
+                                 batch_size=int(self.config.selection_batch_size), device=self.device,
+                                 generator=self.generator)
+        scores = {k: v.view(-1, columns) for k, v in scores.items()}
+        if "sigma" in scores and not self.warned_zero_spread and float(scores["sigma"].abs().max()) == 0.0:
+            self.warned_zero_spread = True
+            tqdm.write("WARNING: every uncertainty spread is zero (no dropout active: llm_dropout=0 and "
+                       "uncertainty_method=head?); the acquisition ranks ties, i.e. selection is not active.")
+        return scores
+
+    def state_dict(self) -> Dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: Dict) -> None:
+        self.generator.set_state(state["generator"])
+
+
+def selection_stats(selection: Selection, scores: Dict[str, torch.Tensor], n: int) -> Dict[str, float]:
+    """Acquisition values of selected vs rejected candidates and the mean spread (wandb/metrics.jsonl)."""
+    out = {}
+    if selection.acquisition is not None:
+        rejected = sorted(set(range(n)) - set(selection.rows))
+        for name, idx in (("selected", selection.rows), ("rejected", rejected)):
+            if idx:
+                values = selection.acquisition[idx].float()
+                out[f"acquisition/{name}_mean"] = float(values.mean())
+                out[f"acquisition/{name}_min"] = float(values.min())
+                out[f"acquisition/{name}_max"] = float(values.max())
+    if "sigma" in scores:
+        out["selection/mean_sigma"] = float(scores["sigma"].mean())
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,23 +247,21 @@ class PlainSource:
 
 class OfflineActiveSource:
     """Each step: a pool of batch_size * selection_ratio candidate pairs from the non-SFT share,
-    scored without their labels; the top batch_size become the DPO batch. `n_examples` counts the
-    selected pairs (labels used), not candidates scored."""
+    scored without their labels; the strategy keeps batch_size of them for the DPO batch.
+    `n_examples` counts the selected pairs (labels used), not candidates scored."""
 
-    def __init__(self, make_elements, selector: Selector, policy, reference, config, pad_token_id, device):
-        self.make_elements, self.selector = make_elements, selector
-        self.policy, self.reference, self.config = policy, reference, config
-        self.pad_token_id, self.device = pad_token_id, device
+    def __init__(self, make_elements, strategy: Strategy, scorer: CandidateScorer, config, pad_token_id):
+        self.make_elements, self.strategy, self.scorer = make_elements, strategy, scorer
+        self.config, self.pad_token_id = config, pad_token_id
         self.consumed = self.labels = self.scored = 0
-        self.flags: Dict = {}
-        self.generator = torch.Generator(device=device)
-        self.generator.manual_seed(int(config.seed) + 1)
+        self.warned_short_pool = False
+        self.rng = random.Random(int(config.seed) + 2)
 
     def __iter__(self):
         cfg = self.config
         elements = self.make_elements(self.consumed)
         batch_size = int(cfg.batch_size)
-        pool_size = batch_size if self.selector.needs == "none" else batch_size * int(cfg.selection_ratio)
+        pool_size = batch_size * int(cfg.selection_ratio) if self.strategy.scores_pool else batch_size
         budget = cfg.n_examples
         while budget is None or self.labels < budget:
             want = batch_size if budget is None else min(batch_size, budget - self.labels)
@@ -207,34 +269,26 @@ class OfflineActiveSource:
             if not pool:
                 return
             self.consumed += len(pool)
-            if len(pool) < want and not self.flags.get("short_pool"):
-                self.flags["short_pool"] = True
+            if len(pool) < want and not self.warned_short_pool:
+                self.warned_short_pool = True
                 tqdm.write(f"data exhausted: the last pool has {len(pool)} candidates (< batch_size={want}); "
                            "training one last step on all of them")
             t0 = time.time()
-            info = {}
-            if self.selector.needs == "none":
-                chosen = list(range(min(want, len(pool))))
-            else:
+            scores: Dict[str, torch.Tensor] = {}
+            flipped: List[bool] = []
+            if self.strategy.needs_spread or self.strategy.needs_reference:
                 sequences, flipped = pair_sequences(pool)
-                scores = score_sequences(self.policy, self.reference, sequences, cfg, self.device,
-                                         self.pad_token_id, need_policy=True,
-                                         need_reference=self.selector.needs == "interval", generator=self.generator)
-                scores = {k: v.view(-1, 2) for k, v in scores.items()}
-                warn_if_no_variance(scores["var"], self.flags)
-                acquisition = self.selector.acquisition(scores, cfg)
-                chosen = top_k(acquisition, want)
+                scores = self.scorer(sequences, columns=2)
                 self.scored += len(pool)
-                rejected = sorted(set(range(len(pool))) - set(chosen))
-                info.update(acquisition_stats(acquisition, chosen, rejected))
-                info["selection/mean_sigma"] = float(scores["var"].sqrt().mean())
-                if "ref" in scores:
-                    for i in chosen:
-                        first, second = float(scores["ref"][i, 0]), float(scores["ref"][i, 1])
-                        pool[i]["reference_chosen_logps"], pool[i]["reference_rejected_logps"] = (
-                            (second, first) if flipped[i] else (first, second))
-            selected = [pool[i] for i in chosen]
+            selection = self.strategy.select(scores, len(pool), want, cfg, self.rng)
+            if "ref" in scores:
+                for i in selection.rows:
+                    first, second = float(scores["ref"][i, 0]), float(scores["ref"][i, 1])
+                    pool[i]["reference_chosen_logps"], pool[i]["reference_rejected_logps"] = (
+                        (second, first) if flipped[i] else (first, second))
+            selected = [pool[i] for i in selection.rows]
             self.labels += len(selected)
+            info = selection_stats(selection, scores, len(pool))
             info.update({"labels": len(selected), "selection/time_s": time.time() - t0,
                          "counters/candidates_scored": self.scored, "counters/labels_used": self.labels})
             yield collate(selected, self.pad_token_id), info
@@ -244,32 +298,19 @@ class OfflineActiveSource:
 
     def state_dict(self) -> Dict:
         return {"consumed": self.consumed, "labels": self.labels, "scored": self.scored,
-                "generator": self.generator.get_state()}
+                "rng": list(self.rng.getstate()[1]), "rng_pos": self.rng.getstate()[2], **self.scorer.state_dict()}
 
     def load_state_dict(self, state: Dict) -> None:
         self.consumed, self.labels, self.scored = state["consumed"], state["labels"], state["scored"]
-        self.generator.set_state(state["generator"])
+        self.rng.setstate((3, tuple(state["rng"]), state["rng_pos"]))
+        self.scorer.load_state_dict(state)
 
-
-def acquisition_stats(acquisition: torch.Tensor, chosen: List[int], rejected: List[int]) -> Dict[str, float]:
-    """Summary of the acquisition values of selected vs rejected candidates (for wandb/metrics.jsonl)."""
-    out = {}
-    for name, idx in (("selected", chosen), ("rejected", rejected)):
-        if idx:
-            values = acquisition[idx].float()
-            out[f"acquisition/{name}_mean"] = float(values.mean())
-            out[f"acquisition/{name}_min"] = float(values.min())
-            out[f"acquisition/{name}_max"] = float(values.max())
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Online: generate, select, label
 
 @torch.no_grad()
 def sample_responses(model, tokenizer, prompt_ids: List[List[int]], n: int, generation, device) -> List[List[str]]:
-    """n sampled continuations per prompt, in eval mode with the KV cache, stopping at EOS.
-    prompt_ids: token ids per prompt (BOS included). Returns texts, [len(prompt_ids)][n]."""
+    """n sampled continuations per prompt (greedy when generation.temperature is 0), in eval mode with
+    the KV cache, stopping at EOS. prompt_ids: token ids per prompt (BOS included). Returns texts,
+    [len(prompt_ids)][n]."""
     was_training = model.training
     model.eval()
     width = max(len(p) for p in prompt_ids)
@@ -286,143 +327,113 @@ def sample_responses(model, tokenizer, prompt_ids: List[List[int]], n: int, gene
     return [texts[i * n:(i + 1) * n] for i in range(len(prompt_ids))]
 
 
-def reuse_scored_reference(elements: List[Dict]) -> None:
-    """Attach the reference log-probs computed during scoring to the DPO elements (popping 'scored':
-    ((chosen ids, logp), (rejected ids, logp))) when every element tokenised to exactly the scored
-    ids; a pair can truncate its prompt differently from a single response, and then the DPO step
-    computes the reference itself rather than use a log-prob of other tokens."""
-    scored = [e.pop("scored", None) for e in elements]
-    if not scored or any(s is None for s in scored):
-        return
-    if all(e["chosen_input_ids"] == c[0] and e["rejected_input_ids"] == r[0] for e, (c, r) in zip(elements, scored)):
-        for e, (c, r) in zip(elements, scored):
-            e["reference_chosen_logps"], e["reference_rejected_logps"] = c[1], r[1]
+@dataclass
+class PromptTokens:
+    """How the online loop and the eval answers tokenise: each prompt once (the context generation,
+    scoring and training all share), each response once against it."""
+    tokenizer: object
+    max_length: int
+    max_prompt_length: int
+    prompt_format: Optional[Callable[[str], str]] = None
+
+    def prompt(self, dataset: str, prompt: str) -> List[int]:
+        text = self.prompt_format(prompt) if self.prompt_format else prompt
+        return tokenize_prompt(text, self.tokenizer, self.max_prompt_length, truncation_mode_for(dataset))
+
+    def response(self, prompt_ids: List[int], text: str) -> Dict[str, List[int]]:
+        return tokenize_response(prompt_ids, text, self.tokenizer, self.max_length)
 
 
 class OnlineSource:
-    """Each step: batch_size * selection_ratio prompts; m policy and m reference samples each; the
-    selector keeps batch_size prompts and one (policy, reference) pair per prompt; the oracle labels
-    the pairs; pairs it could not label are dropped and counted. `n_examples` counts labels bought."""
+    """Each step: generate -> score -> select -> label -> batch. batch_size * selection_ratio prompts;
+    m policy and m reference samples each (tokenised once); the strategy keeps batch_size prompts and
+    one (policy, reference) pair per prompt; the oracle labels the pairs; pairs it could not label
+    are dropped and counted. `n_examples` counts labels bought."""
 
-    def __init__(self, prompts: Callable[[int], Iterator], selector_name: str, policy, reference, tokenizer,
-                 config, device, oracle, ledger, make_element: Callable, prompt_ids: Callable):
-        self.prompts, self.selector_name = prompts, selector_name
-        self.policy, self.reference, self.tokenizer, self.config, self.device = policy, reference, tokenizer, config, device
-        self.oracle, self.ledger, self.make_element, self.prompt_ids = oracle, ledger, make_element, prompt_ids
+    def __init__(self, prompts: Callable[[int], Iterator], strategy: Strategy, scorer: CandidateScorer, policy,
+                 reference, tokens: PromptTokens, config, device, oracle, ledger: Ledger):
+        self.prompts, self.strategy, self.scorer = prompts, strategy, scorer
+        self.policy, self.reference, self.tokens, self.config, self.device = policy, reference, tokens, config, device
+        self.oracle, self.ledger = oracle, ledger
         self.consumed = self.labels = self.failures = self.scored = 0
-        self.flags: Dict = {}
         self.rng = random.Random(int(config.seed) + 2)
-        self.generator = torch.Generator(device=device)
-        self.generator.manual_seed(int(config.seed) + 3)
 
     def __iter__(self):
-        from oracles import Query, judge_with_budget
         cfg = self.config
         prompts = self.prompts(self.consumed)
         batch_size = int(cfg.batch_size)
         budget = cfg.n_examples
-        m = 1 if self.selector_name == "uniref" else int(cfg.num_action_samples)
+        m = 1 if self.strategy.one_sample else int(cfg.num_action_samples)
+        tokenizer = self.tokens.tokenizer
         while budget is None or self.labels < budget:
             want = batch_size if budget is None else min(batch_size, budget - self.labels)
             pool = list(itertools.islice(prompts, want * int(cfg.selection_ratio)))
             if not pool:
                 return
             self.consumed += len(pool)
-            times = {}
+            times: Dict[str, float] = {}
+
             t0 = time.time()
-            ids = [self.prompt_ids(name, prompt) for name, prompt, _ in pool]
-            policy_texts = sample_responses(self.policy, self.tokenizer, ids, m, cfg.generation, self.device)
+            prompt_ids = [self.tokens.prompt(name, prompt) for name, prompt, _ in pool]
+            policy_texts = sample_responses(self.policy, tokenizer, prompt_ids, m, cfg.generation, self.device)
             with self.reference.active() as ref_model:
-                reference_texts = sample_responses(ref_model, self.tokenizer, ids, m, cfg.generation, self.device)
+                reference_texts = sample_responses(ref_model, tokenizer, prompt_ids, m, cfg.generation, self.device)
+            # candidates[p][c]: (text, sequence); columns 0..m-1 the policy's samples, m..2m-1 the reference's
+            candidates = [[(text, self.tokens.response(ids, text)) for text in list(pol) + list(ref)]
+                          for ids, pol, ref in zip(prompt_ids, policy_texts, reference_texts)]
             times["time/generation_s"] = time.time() - t0
+
             t0 = time.time()
-            info: Dict = {}
-            if self.selector_name == "borda":
-                keep, pairs, reference_logps, stats = self.select_borda(pool, policy_texts, reference_texts, want)
-                info.update(stats)
-            else:
-                keep = list(range(min(want, len(pool))))
-                pairs = [(policy_texts[i][0], reference_texts[i][0]) for i in keep]
-                reference_logps = None
+            scores: Dict[str, torch.Tensor] = {}
+            if self.strategy.needs_spread or self.strategy.needs_reference:
+                scores = self.scorer([seq for row in candidates for _, seq in row], columns=2 * m)
+                self.scored += len(pool) * 2 * m
+            selection = self.strategy.select(scores, len(pool), want, cfg, self.rng)
             times["time/scoring_s"] = time.time() - t0
+
             t0 = time.time()
-            queries = [Query(prompt=pool[i][1], response_a=a, response_b=b, reference=pool[i][2].reference,
-                             keywords=pool[i][2].keywords) for i, (a, b) in zip(keep, pairs)]
+            picked = [(i, i_pol, m + i_ref) for i, (i_pol, i_ref) in zip(selection.rows, selection.responses)]
+            queries = [Query(prompt=pool[i][1], response_a=candidates[i][a][0], response_b=candidates[i][b][0],
+                             reference=pool[i][2].reference, keywords=pool[i][2].keywords) for i, a, b in picked]
             judgments = judge_with_budget(self.oracle, queries, self.ledger, cfg.oracle.get("max_queries"))
             times["time/oracle_s"] = time.time() - t0
-            elements, labelled = [], []
-            for slot, (i, (a, b), judgment) in enumerate(zip(keep, pairs, judgments)):
+
+            elements, labelled, budget_spent = [], [], False
+            for (i, a, b), judgment in zip(picked, judgments):
                 if judgment.winner is None:
                     self.failures += 1
-                    if judgment.error == "budget":
-                        self.flags["budget_spent"] = True
+                    budget_spent |= judgment.error == "budget"
                     continue
                 winner, loser = (a, b) if judgment.winner == "A" else (b, a)
-                name, prompt, _ = pool[i]
-                labelled.append([prompt, winner, loser])
-                element = self.make_element(name, prompt, winner, loser)
-                if reference_logps is not None:
-                    scored_a, scored_b = reference_logps[slot]
-                    element["scored"] = (scored_a, scored_b) if judgment.winner == "A" else (scored_b, scored_a)
+                element = pair_element(pool[i][1], prompt_ids[i], {"chosen": candidates[i][winner], "rejected": candidates[i][loser]})
+                if "ref" in scores:
+                    element["reference_chosen_logps"] = float(scores["ref"][i, winner])
+                    element["reference_rejected_logps"] = float(scores["ref"][i, loser])
+                labelled.append([pool[i][1], element["chosen"], element["rejected"]])
                 elements.append(element)
-            reuse_scored_reference(elements)
             self.labels += len(elements)
+            info = selection_stats(selection, scores, len(pool))
             info.update(times)
             info.update({"labels": len(elements), "pairs": labelled, "counters/labels_bought": self.labels,
                          "counters/oracle_failures": self.failures, "counters/prompts_seen": self.consumed,
                          "counters/candidates_scored": self.scored})
             if elements:
-                yield collate(elements, self.tokenizer.pad_token_id), info
-            if self.flags.get("budget_spent"):
+                yield collate(elements, tokenizer.pad_token_id), info
+            if budget_spent:
                 tqdm.write(f"oracle budget oracle.max_queries={cfg.oracle.max_queries} spent; stopping")
                 return
-
-    def select_borda(self, pool, policy_texts, reference_texts, want):
-        """Score every sample (policy MC-dropout + one reference pass), keep the `want` prompts with the
-        largest Borda acquisition; per prompt pair the policy sample with the largest b+ against a
-        uniformly drawn reference sample. Returns kept indices, text pairs, and per pair the scored
-        (token ids, reference log-prob) of both responses."""
-        cfg = self.config
-        m = len(policy_texts[0])
-        sequences = []
-        for (name, prompt, _), pol, ref in zip(pool, policy_texts, reference_texts):
-            for text in list(pol) + list(ref):
-                e = self.make_element(name, prompt, text, None)
-                sequences.append({"input_ids": e["chosen_input_ids"], "attention_mask": e["chosen_attention_mask"],
-                                  "labels": e["chosen_labels"]})
-        scores = score_sequences(self.policy, self.reference, sequences, cfg, self.device, self.tokenizer.pad_token_id,
-                                 need_policy=True, need_reference=True, generator=self.generator)
-        self.scored += len(sequences)
-        warn_if_no_variance(scores["var"], self.flags)
-        mu, sigma, ref = (scores[k].view(len(pool), 2 * m) for k in ("mu", "var", "ref"))
-        sigma = sigma.sqrt()
-        b_plus, b_minus = borda_bounds(mu[:, :m], sigma[:, :m], ref[:, :m], mu[:, m:], sigma[:, m:], ref[:, m:],
-                                       beta=float(cfg.loss.beta), gamma=float(cfg.active_beta))
-        acquisition = borda_acquisition(b_plus, b_minus)
-        keep = top_k(acquisition, want)
-        pairs, reference_logps = [], []
-        for i in keep:
-            best = int(b_plus[i].argmax())
-            other = self.rng.randrange(m)
-            pairs.append((policy_texts[i][best], reference_texts[i][other]))
-            reference_logps.append(((sequences[i * 2 * m + best]["input_ids"], float(ref[i, best])),
-                                    (sequences[i * 2 * m + m + other]["input_ids"], float(ref[i, m + other]))))
-        stats = acquisition_stats(acquisition, keep, sorted(set(range(len(pool))) - set(keep)))
-        stats["selection/mean_sigma"] = float(sigma.mean())
-        return keep, pairs, reference_logps, stats
 
     def progress(self) -> Dict:
         return {"labels": self.labels, "failed": self.failures, "scored": self.scored}
 
     def state_dict(self) -> Dict:
         return {"consumed": self.consumed, "labels": self.labels, "failures": self.failures, "scored": self.scored,
-                "rng": list(self.rng.getstate()[1]), "rng_pos": self.rng.getstate()[2],
-                "generator": self.generator.get_state()}
+                "rng": list(self.rng.getstate()[1]), "rng_pos": self.rng.getstate()[2], **self.scorer.state_dict()}
 
     def load_state_dict(self, state: Dict) -> None:
         self.consumed, self.labels, self.failures, self.scored = state["consumed"], state["labels"], state["failures"], state["scored"]
         self.rng.setstate((3, tuple(state["rng"]), state["rng_pos"]))
-        self.generator.set_state(state["generator"])
+        self.scorer.load_state_dict(state)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -436,8 +447,13 @@ def prompt_subset(config) -> str:
 
 
 def data_kwargs(config, tokenizer) -> Dict:
-    return dict(seed=int(config.seed), max_length=int(config.max_length), max_prompt_length=int(config.max_prompt_length),
-                data_files=dict(config.dataset_files), cache_dir=config.cache_dir, prompt_format=prompt_formatter(config, tokenizer))
+    return dict(seed=int(config.seed), split_seed=int(config.split_seed), max_length=int(config.max_length),
+                max_prompt_length=int(config.max_prompt_length), data_files=dict(config.dataset_files),
+                cache_dir=config.cache_dir, prompt_format=prompt_formatter(config, tokenizer))
+
+
+def prompt_tokens(config, tokenizer) -> PromptTokens:
+    return PromptTokens(tokenizer, int(config.max_length), int(config.max_prompt_length), prompt_formatter(config, tokenizer))
 
 
 def prompt_formatter(config, tokenizer) -> Optional[Callable[[str], str]]:
@@ -465,28 +481,20 @@ def prompt_formatter(config, tokenizer) -> Optional[Callable[[str], str]]:
 def build_source(config, policy, reference, tokenizer, device, run_dir: str, oracle=None):
     """The batch source the trainer consumes, chosen by active/online/selection_strategy."""
     names, kwargs = list(config.datasets), data_kwargs(config, tokenizer)
-    selector = selector_for(config)
+    if config.online or config.active:
+        strategy = STRATEGIES[config.selection_strategy]
+        scorer = CandidateScorer(strategy, policy, reference, config, tokenizer.pad_token_id, device, seed=int(config.seed) + 1)
     if config.online:
-        import os
-        from oracles import Ledger
-        fmt = kwargs["prompt_format"] or (lambda p: p)
-        ledger = Ledger(os.path.join(run_dir, "oracle_ledger.jsonl"))
         # online budgets count labels bought, so the prompt stream cycles until the budget is spent
         epochs = int(config.n_epochs) if config.n_examples is None else 1_000_000
 
         def prompts(skip):
-            return itertools.islice(iterate_prompts(names, "train", seed=int(config.seed), shuffle=True, n_epochs=epochs,
-                                                    data_files=kwargs["data_files"], cache_dir=config.cache_dir), skip, None)
+            return itertools.islice(iterate_prompts(names, "train", seed=int(config.seed), split_seed=int(config.split_seed),
+                                                    shuffle=True, n_epochs=epochs, data_files=kwargs["data_files"],
+                                                    cache_dir=config.cache_dir), skip, None)
 
-        def make_element(name, prompt, chosen, rejected):
-            return tokenize_element(fmt(prompt), chosen, rejected, tokenizer, kwargs["max_length"],
-                                    kwargs["max_prompt_length"], truncation_mode_for(name))
-
-        def prompt_ids(name, prompt):
-            return make_element(name, prompt, "", None)["prompt_input_ids"]
-
-        return OnlineSource(prompts, config.selection_strategy, policy, reference, tokenizer, config, device,
-                            oracle, ledger, make_element, prompt_ids)
+        return OnlineSource(prompts, strategy, scorer, policy, reference, prompt_tokens(config, tokenizer), config, device,
+                            oracle, Ledger(os.path.join(run_dir, LEDGER_FILENAME)))
 
     sft_mode = config.loss.name == "sft"
     limit = {"n_examples": int(config.n_examples)} if config.n_examples is not None and not config.active else {"n_epochs": int(config.n_epochs)}
@@ -497,16 +505,5 @@ def build_source(config, policy, reference, tokenizer, device, run_dir: str, ora
                                                  **limit, **kwargs), skip, None)
 
     if config.active:
-        return OfflineActiveSource(make_elements, selector, policy, reference, config, tokenizer.pad_token_id, device)
+        return OfflineActiveSource(make_elements, strategy, scorer, config, tokenizer.pad_token_id)
     return PlainSource(make_elements, config, tokenizer.pad_token_id)
-
-
-def eval_batches(config, tokenizer) -> List[Dict]:
-    """Held-out batches (one pass over the test split, at most n_eval_examples) for the loss/reward
-    metrics; empty for data without pairs in DPO mode."""
-    sft_mode = config.loss.name == "sft" or (config.online and config.online_loss == "sft_winner")
-    elements = list(itertools.islice(iterate_elements(list(config.datasets), tokenizer, "test", shuffle=False, sft_mode=sft_mode,
-                                                      n_epochs=1, silent=True, **data_kwargs(config, tokenizer)),
-                                     int(config.n_eval_examples)))
-    size = int(config.eval_batch_size)
-    return [collate(elements[i:i + size], tokenizer.pad_token_id) for i in range(0, len(elements), size)]

@@ -590,14 +590,17 @@ def _take_split(data: Dict[str, PromptData], split: str, seed: int) -> Dict[str,
 
 
 def _load_dataset(name: str, split: str, seed: int = 0, data_file: Optional[str] = None,
-                cache_dir: Optional[str] = None, silent: bool = False) -> Dict[str, PromptData]:
+                  cache_dir: Optional[str] = None, silent: bool = False, split_seed: int = 0) -> Dict[str, PromptData]:
     """Load one split of a dataset as an ordered dict prompt -> PromptData (file order).
 
     name: one of DATASET_NAMES, or a path to user data (.jsonl/.json file, or a directory holding
         train.jsonl/test.jsonl).
+    seed: draws inside the data that are part of a run's randomness (the Jeopardy pair per clue).
+    split_seed: what defines the prompt set and its split, fixed across a seed sweep (the test split
+        of a single-file source, haiku keyword partners).
     data_file: a local file or directory that wins over the hub (ignored for user paths, whose name
         is the file). A directory must hold '{split}.jsonl' (or .json/.csv); a single file holds
-        every split and is split by `seed` (see _take_split), as are single-split hub datasets.
+        every split and is split by `split_seed` (see _take_split), as are single-split hub datasets.
     Skipped rows are reported in one printed line (unless `silent`); a file that cannot be read, or
     lacks a required field in every row, raises DataError; nothing usable at all raises DataError.
     """
@@ -606,7 +609,7 @@ def _load_dataset(name: str, split: str, seed: int = 0, data_file: Optional[str]
     kind = _dataset_kind(name)
     source = name if kind == 'user' else data_file
     if kind == 'haikus' and str(source).endswith('.txt'):
-        return _take_split(haiku_keyword_prompts(os.path.expanduser(str(source)), seed), split, seed)
+        return _take_split(haiku_keyword_prompts(os.path.expanduser(str(source)), split_seed), split, split_seed)
     if source is None:
         rows, present, exact_split, where = _hub_rows(kind, split, cache_dir)
         is_csv = False
@@ -622,7 +625,7 @@ def _load_dataset(name: str, split: str, seed: int = 0, data_file: Optional[str]
         raise DataError(f'{where}: no usable rows ({_reasons(col.skipped) or "no rows"}); expected {EXPECTED[kind]}')
     if col.skipped and not silent:
         print(col.summary(label, where))
-    return col.data if exact_split else _take_split(col.data, split, seed)
+    return col.data if exact_split else _take_split(col.data, split, split_seed)
 
 
 def _file_stamp(path: Optional[str]) -> Optional[Tuple[int, int]]:
@@ -634,23 +637,23 @@ def _file_stamp(path: Optional[str]) -> Optional[Tuple[int, int]]:
 
 
 @functools.lru_cache(maxsize=32)
-def _cached_dataset(name, split, seed, data_file, cache_dir, silent, stamp) -> Dict[str, PromptData]:
-    return _load_dataset(name, split, seed, data_file, cache_dir, silent)
+def _cached_dataset(name, split, seed, data_file, cache_dir, silent, stamp, split_seed) -> Dict[str, PromptData]:
+    return _load_dataset(name, split, seed, data_file, cache_dir, silent, split_seed)
 
 
 def get_dataset(name: str, split: str, seed: int = 0, data_file: Optional[str] = None,
-                cache_dir: Optional[str] = None, silent: bool = False) -> Dict[str, PromptData]:
+                cache_dir: Optional[str] = None, silent: bool = False, split_seed: int = 0) -> Dict[str, PromptData]:
     """`_load_dataset`, memoised per process (keyed by the file's mtime and size, so an edited file is
     read again): the config check, the tokenizer build and each iterator share one parse.
     Treat the result as read-only."""
     stamp = _file_stamp(name if name not in DATASET_NAMES else data_file)
-    return _cached_dataset(name, split, seed, data_file, cache_dir, silent, stamp)
+    return _cached_dataset(name, split, seed, data_file, cache_dir, silent, stamp, split_seed)
 
 
 def split_prompts(prompts: List[str], pretrain_fraction: float, seed: int) -> Tuple[List[str], List[str]]:
     """Split prompts into (SFT share, active-selection pool) for offline methods.
 
-    A permutation seeded by `seed`: its first round(pretrain_fraction * n) prompts go to SFT, the
+    A permutation seeded by `seed` (the run's split_seed): its first round(pretrain_fraction * n) prompts go to SFT, the
     rest to the pool. Both lists are in permutation order, disjoint, and cover `prompts` (which must
     be unique). Raises ConfigError unless 0 <= pretrain_fraction < 1.
     """
@@ -702,30 +705,30 @@ def _response_ids(response: str, tokenizer) -> List[int]:
     return tokenizer(response, add_special_tokens=False)['input_ids'] + [_eos_id(tokenizer)]
 
 
-def _truncate(prompt_ids: List[int], has_bos: bool, responses: List[List[int]], max_length: int,
-              max_prompt_length: int, truncation_mode: str) -> Tuple[List[int], List[List[int]]]:
-    """Fit prompt + the longest response into max_length tokens.
+def tokenize_prompt(prompt: str, tokenizer, max_prompt_length: int, truncation_mode: str) -> List[int]:
+    """Prompt token ids, BOS first if the tokenizer adds one, cut to max_prompt_length when longer
+    ('keep_end' keeps its last tokens, behind the BOS; 'keep_start' its first).
 
-    When too long, the prompt is cut first to max_prompt_length ('keep_end' keeps its last tokens,
-    behind the BOS if there is one; 'keep_start' keeps its first), then every response to
-    max_length - len(prompt) tokens (keeping their starts; a cut response loses its EOS). Since
-    max_prompt_length < max_length (checked), every result has len(prompt) + len(response) <=
-    max_length and at least one response token: this never raises on long data.
+    The cut never depends on the response, so generation (which has no response yet), scoring and
+    training all condition on the same context.
     """
-    longest = max(len(ids) for ids in responses)
-    if len(prompt_ids) + longest > max_length and len(prompt_ids) > max_prompt_length:
-        if truncation_mode == 'keep_start':
-            prompt_ids = prompt_ids[:max_prompt_length]
-        else:
-            head = prompt_ids[:1] if has_bos else []
-            body = prompt_ids[len(head):]
-            keep = max_prompt_length - len(head)
-            prompt_ids = head + body[len(body) - keep:]
-    budget = max_length - len(prompt_ids)
-    return prompt_ids, [ids[:budget] for ids in responses]
+    _check_mode(truncation_mode)
+    prompt_ids, has_bos = _prompt_ids(prompt, tokenizer)
+    if len(prompt_ids) <= max_prompt_length:
+        return prompt_ids
+    if truncation_mode == 'keep_start':
+        return prompt_ids[:max_prompt_length]
+    head = prompt_ids[:1] if has_bos else []
+    keep = max_prompt_length - len(head)
+    return head + prompt_ids[len(prompt_ids) - keep:]
 
 
-def _sequence(prompt_ids: List[int], response_ids: List[int]) -> Dict[str, List[int]]:
+def tokenize_response(prompt_ids: List[int], response: str, tokenizer, max_length: int) -> Dict[str, List[int]]:
+    """'input_ids' (prompt, response, EOS), 'attention_mask' (all 1) and 'labels' (-100 on the prompt)
+    of one response after `prompt_ids`; the response keeps its start and is cut (losing its EOS) to
+    fit max_length. Since the prompt is at most max_prompt_length < max_length, at least one response
+    token always remains."""
+    response_ids = _response_ids(response, tokenizer)[:max_length - len(prompt_ids)]
     input_ids = prompt_ids + response_ids
     return {'input_ids': input_ids, 'attention_mask': [1] * len(input_ids),
             'labels': [-100] * len(prompt_ids) + response_ids}
@@ -733,20 +736,24 @@ def _sequence(prompt_ids: List[int], response_ids: List[int]) -> Dict[str, List[
 
 def tokenize_prompt_response(prompt: str, response: str, tokenizer, max_length: int, max_prompt_length: int,
                              truncation_mode: str) -> Dict[str, List[int]]:
-    """Token ids of prompt + response, each tokenised separately.
-
-    Returns lists of length T = len(prompt ids) + len(response ids) <= max_length:
-      'prompt_input_ids' (the possibly truncated prompt, BOS first if the tokenizer adds one),
-      'input_ids' (prompt then response then EOS), 'attention_mask' (all 1),
-      'labels' (-100 on prompt positions, the response ids incl. EOS elsewhere).
-    Truncation: see _truncate; it guarantees T <= max_length and never raises on long text.
-    """
+    """Token ids of prompt + response, each tokenised separately (see tokenize_prompt and
+    tokenize_response): 'prompt_input_ids', 'input_ids', 'attention_mask', 'labels', of length
+    T = len(prompt ids) + len(response ids) <= max_length. Never raises on long text."""
     _check_lengths(max_length, max_prompt_length)
-    _check_mode(truncation_mode)
-    prompt_ids, has_bos = _prompt_ids(prompt, tokenizer)
-    prompt_ids, (response_ids,) = _truncate(prompt_ids, has_bos, [_response_ids(response, tokenizer)],
-                                            max_length, max_prompt_length, truncation_mode)
-    return {'prompt_input_ids': prompt_ids, **_sequence(prompt_ids, response_ids)}
+    prompt_ids = tokenize_prompt(prompt, tokenizer, max_prompt_length, truncation_mode)
+    return {'prompt_input_ids': prompt_ids, **tokenize_response(prompt_ids, response, tokenizer, max_length)}
+
+
+def pair_element(prompt: str, prompt_ids: List[int], responses: Dict[str, Tuple[str, Dict[str, List[int]]]]) -> Dict:
+    """A training element from already tokenised parts: responses maps 'chosen' (and 'rejected') to
+    (text, tokenize_response(prompt_ids, text, ...)). Keys as documented in tokenize_element."""
+    element: Dict[str, Any] = {'prompt': prompt, **{key: text for key, (text, _) in responses.items()}}
+    element['prompt_input_ids'] = prompt_ids
+    element['prompt_attention_mask'] = [1] * len(prompt_ids)
+    for key, (_, sequence) in responses.items():
+        for field, values in sequence.items():
+            element[f'{key}_{field}'] = values
+    return element
 
 
 def tokenize_element(prompt: str, chosen: Optional[str], rejected: Optional[str], tokenizer, max_length: int,
@@ -757,27 +764,19 @@ def tokenize_element(prompt: str, chosen: Optional[str], rejected: Optional[str]
     rejected_* keys. Returns the strings 'prompt', 'chosen' (response only), 'rejected' (pairs),
     'sft_target' (when given); 'prompt_input_ids', 'prompt_attention_mask' (length P); and for each
     of chosen/rejected '{k}_input_ids', '{k}_attention_mask', '{k}_labels' (length P + R_k <=
-    max_length). Both responses share the same prompt tokens: the prompt is truncated for the
-    longer of the two.
+    max_length). Both responses share the same prompt tokens.
     """
     _check_lengths(max_length, max_prompt_length)
-    _check_mode(truncation_mode)
     if chosen is None:
         if sft_target is None:
             raise ValueError('tokenize_element needs `chosen` or `sft_target`')
         chosen = sft_target
     texts = {'chosen': chosen} if rejected is None else {'chosen': chosen, 'rejected': rejected}
-    prompt_ids, has_bos = _prompt_ids(prompt, tokenizer)
-    prompt_ids, responses = _truncate(prompt_ids, has_bos, [_response_ids(t, tokenizer) for t in texts.values()],
-                                      max_length, max_prompt_length, truncation_mode)
-    element: Dict[str, Any] = {'prompt': prompt, **texts}
+    prompt_ids = tokenize_prompt(prompt, tokenizer, max_prompt_length, truncation_mode)
+    element = pair_element(prompt, prompt_ids, {key: (text, tokenize_response(prompt_ids, text, tokenizer, max_length))
+                                                for key, text in texts.items()})
     if sft_target is not None:
         element['sft_target'] = sft_target
-    element['prompt_input_ids'] = prompt_ids
-    element['prompt_attention_mask'] = [1] * len(prompt_ids)
-    for key, response_ids in zip(texts, responses):
-        for field, values in _sequence(prompt_ids, response_ids).items():
-            element[f'{key}_{field}'] = values
     return element
 
 
@@ -868,12 +867,12 @@ def _ordered(items: List[Any], seed: int, shuffle: bool, n_epochs: Optional[int]
 
 
 def _load_all(names: List[str], split: str, seed: int, data_files: Optional[Dict[str, str]],
-              cache_dir: Optional[str], silent: bool) -> List[Tuple[str, Dict[str, PromptData]]]:
+              cache_dir: Optional[str], silent: bool, split_seed: int = 0) -> List[Tuple[str, Dict[str, PromptData]]]:
     if not names:
         raise ConfigError('datasets: the list of datasets is empty')
     files = data_files or {}
     return [(name, get_dataset(name, split, seed=seed, data_file=files.get(name), cache_dir=cache_dir,
-                               silent=silent)) for name in names]
+                               silent=silent, split_seed=split_seed)) for name in names]
 
 
 def _select_prompts(data: Dict[str, PromptData], prompt_subset: str, pretrain_fraction: float,
@@ -904,13 +903,14 @@ def iterate_elements(names: List[str], tokenizer, split: str, *, seed: int, shuf
                      n_examples: Optional[int] = None, prompt_subset: str = 'all', pretrain_fraction: float = 0.0,
                      data_files: Optional[Dict[str, str]] = None, cache_dir: Optional[str] = None,
                      silent: bool = False, skip_examples: int = 0,
-                     prompt_format: Optional[Callable[[str], str]] = None) -> Iterator[Dict]:
+                     prompt_format: Optional[Callable[[str], str]] = None, split_seed: int = 0) -> Iterator[Dict]:
     """Tokenised elements (see tokenize_element) of the concatenated datasets `names`.
 
     One element per (prompt, pair) in DPO mode, one per prompt (its sft_target) in SFT mode; each
     also carries 'dataset', 'reference' and 'keywords' of its prompt. prompt_subset 'sft'/'pool'
     keeps the SFT share / the rest of each dataset's prompts per split_prompts(pretrain_fraction,
-    seed). Order: per epoch a permutation seeded by (seed, epoch) when `shuffle`, else file order;
+    split_seed); split_seed also fixes the test split of single-file sources, so that runs differing
+    only in `seed` share their splits. Order: per epoch a permutation seeded by (seed, epoch) when `shuffle`, else file order;
     it stops after n_epochs epochs or n_examples elements (exactly one for 'train'; neither means
     one pass elsewhere). The sequence is a pure function of the arguments, so a resumed run that
     passes skip_examples=k gets exactly the suffix after the first k elements (n_examples counts
@@ -929,8 +929,8 @@ def iterate_elements(names: List[str], tokenizer, split: str, *, seed: int, shuf
     n_epochs = _check_budget(split, n_epochs, n_examples)
     _eos_id(tokenizer)
     items = []
-    for name, data in _load_all(names, split, seed, data_files, cache_dir, silent):
-        for prompt in _select_prompts(data, prompt_subset, pretrain_fraction, seed):
+    for name, data in _load_all(names, split, seed, data_files, cache_dir, silent, split_seed):
+        for prompt in _select_prompts(data, prompt_subset, pretrain_fraction, split_seed):
             entry = data[prompt]
             pairs = [None] if sft_mode else entry.pairs
             items.extend(_Item(name, prompt, entry, pair) for pair in pairs)
@@ -983,13 +983,13 @@ def get_batch_iterator(names: List[str], tokenizer, split: str, batch_size: int,
 
 def iterate_prompts(names: List[str], split: str, *, seed: int, shuffle: bool, n_epochs: Optional[int] = None,
                     n_examples: Optional[int] = None, data_files: Optional[Dict[str, str]] = None,
-                    cache_dir: Optional[str] = None, tokenizer=None,
-                    silent: bool = False) -> Iterator[Tuple[str, str, PromptData]]:
+                    cache_dir: Optional[str] = None, tokenizer=None, silent: bool = False,
+                    split_seed: int = 0) -> Iterator[Tuple[str, str, PromptData]]:
     """(dataset name, prompt, PromptData) for the online loop, with the ordering rules of iterate_elements
     (n_examples counts prompts). With a tokenizer, prompts containing its EOS string are dropped and
     counted in one printed line."""
     n_epochs = _check_budget(split, n_epochs, n_examples)
-    items = [(name, prompt, entry) for name, data in _load_all(names, split, seed, data_files, cache_dir, silent)
+    items = [(name, prompt, entry) for name, data in _load_all(names, split, seed, data_files, cache_dir, silent, split_seed)
              for prompt, entry in data.items()]
     label = f"{'+'.join(names)}/{split}"
     eos = tokenizer.eos_token if tokenizer is not None else None
@@ -1000,11 +1000,26 @@ def iterate_prompts(names: List[str], split: str, *, seed: int, shuffle: bool, n
 
 
 def training_texts(names: List[str], seed: int = 0, data_files: Optional[Dict[str, str]] = None,
-                   cache_dir: Optional[str] = None) -> List[str]:
+                   cache_dir: Optional[str] = None, split_seed: int = 0) -> List[str]:
     """Every prompt, response and SFT target of the train split of `names`, each text once, in file
     order: the corpus for training a small tokenizer (deterministic, so it can be cached by content)."""
     texts: Dict[str, None] = {}
-    for _, data in _load_all(names, 'train', seed, data_files, cache_dir, silent=True):
+    for _, data in _load_all(names, 'train', seed, data_files, cache_dir, silent=True, split_seed=split_seed):
         for prompt, entry in data.items():
             texts.update(dict.fromkeys([prompt, *entry.responses, entry.sft_target]))
     return [text for text in texts if text]
+
+
+def trained_prompts(names: List[str], *, split_seed: int, prompt_subset: str, pretrain_fraction: float,
+                    data_files: Optional[Dict[str, str]] = None, cache_dir: Optional[str] = None,
+                    seed: int = 0) -> Set[str]:
+    """The train prompts of `names` in `prompt_subset` (see iterate_elements), as a set: what a stage
+    with these settings trains on, or selects from."""
+    return {prompt for _, data in _load_all(names, 'train', seed, data_files, cache_dir, True, split_seed)
+            for prompt in _select_prompts(data, prompt_subset, pretrain_fraction, split_seed)}
+
+
+def held_out_prompts(names: List[str], *, split_seed: int, data_files: Optional[Dict[str, str]] = None,
+                 cache_dir: Optional[str] = None, seed: int = 0) -> Set[str]:
+    """The held-out prompts of `names` under split_seed, as a set."""
+    return {prompt for _, data in _load_all(names, 'test', seed, data_files, cache_dir, True, split_seed) for prompt in data}

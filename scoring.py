@@ -1,18 +1,29 @@
-"""Log-probabilities of responses under a causal LM: one deterministic path and the MC-dropout estimates.
+"""Log-probabilities of responses under a causal LM: the deterministic path, the reference, and the
+uncertainty estimators behind one call.
 
 Every consumer (SFT/DPO losses, reference scoring, the offline and online selectors) goes through
-`response_logps` or `mc_dropout_logps`, so there is exactly one way a sequence gets scored.
+`response_logps` or `score_sequences`, so there is exactly one way a sequence gets scored.
 
 Memory: a (B, T, V) logits tensor for a 49k vocabulary is 0.4 GB at B=8, T=255 in fp32, and the
 backward keeps several of them alive. We run the network trunk once, keep only the hidden states of
 the response positions (N, H), and project them onto the vocabulary in chunks of `chunk_size` rows;
 under autograd each chunk is checkpointed, so at most one chunk of logits exists at a time.
+
+Logits: some architectures rescale the head's output in their forward (Granite divides by
+`logits_scaling`, Cohere multiplies by `logit_scale`, Gemma soft-caps). `calibrate_logit_transform`
+measures that scale once at load against the model's own forward, so these log-probs equal the
+forward's, and refuses models whose forward does something else.
 """
-from typing import Optional, Tuple
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from preference_datasets import collate
+from utils import ConfigError
 
 # fp32 logits per projected chunk. Under autograd the backward keeps about three chunks alive, so they
 # are small (16 MiB, ~85 rows of a 49k vocabulary: peak memory); without grad only one chunk lives at
@@ -26,23 +37,84 @@ def default_chunk(vocab_size: int, grad: bool) -> int:
     return max(64, (CHUNK_BYTES_GRAD if grad else CHUNK_BYTES_NO_GRAD) // (4 * vocab_size))
 
 
-def causal_lm_parts(model) -> Tuple[torch.nn.Module, torch.nn.Module]:
-    """(trunk, head) of a causal LM, also under PEFT. The trunk maps input_ids to the final
-    (normalised) hidden states; the head maps hidden states to vocabulary logits."""
-    hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return hf_model.base_model, hf_model.get_output_embeddings()
+# ----------------------------------------------------------------------------------------------
+# The model's parts and its logit transform
+
+@dataclass(frozen=True)
+class LogitTransform:
+    """logits = softcap * tanh(scale * head(h) / softcap), or scale * head(h) without a softcap."""
+    scale: float = 1.0
+    softcap: Optional[float] = None
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        if self.softcap:
+            logits = self.softcap * torch.tanh(logits / self.softcap)
+        return logits
 
 
-def _target_logps(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, softcap: Optional[float]) -> torch.Tensor:
-    """hidden (N, H), targets (N,) -> log p(target) (N,) in fp32."""
-    logits = head(hidden).float()
+def _hf_model(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def causal_lm_parts(model) -> Tuple[torch.nn.Module, torch.nn.Module, LogitTransform]:
+    """(trunk, head, transform) of a causal LM, also under PEFT. The trunk maps input_ids to the final
+    (normalised) hidden states, the head maps them to raw logits, the transform to the forward's logits."""
+    hf_model = _hf_model(model)
+    transform = getattr(hf_model, "scoring_logit_transform", None)
+    if transform is None:
+        config = getattr(hf_model, "config", None)
+        transform = LogitTransform(softcap=getattr(config, "final_logit_softcapping", None) if config is not None else None)
+    return hf_model.base_model, hf_model.get_output_embeddings(), transform
+
+
+@torch.no_grad()
+def calibrate_logit_transform(model, input_ids: torch.Tensor, tolerance: float = 1e-3) -> LogitTransform:
+    """Measure how the model's forward maps head outputs to logits on a short probe (1, T) and store it
+    on the model for every later scoring call. Raises ConfigError (one line) when no scale (with the
+    config's softcap) reproduces the forward's log-probs within `tolerance` nats (fp32; 50x for half
+    precision)."""
+    hf_model = _hf_model(model)
+    was_training = hf_model.training
+    hf_model.eval()
+    try:
+        trunk, head, _ = causal_lm_parts(model)
+        mask = torch.ones_like(input_ids)
+        raw = head(trunk(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state).float()
+        target = hf_model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits.float()
+    finally:
+        hf_model.train(was_training)
+    softcap = getattr(hf_model.config, "final_logit_softcapping", None)
+    pre = target
     if softcap:
-        logits = softcap * torch.tanh(logits / softcap)
+        pre = softcap * torch.atanh((target / softcap).clamp(-1 + 1e-6, 1 - 1e-6))
+    scale = float((pre * raw).sum() / (raw * raw).sum().clamp(min=1e-12))
+    if abs(scale - 1.0) < 1e-5:
+        scale = 1.0  # a plain head: leave the logits untouched (bit-identical to the forward)
+    transform = LogitTransform(scale=scale, softcap=softcap)
+    error = float((transform(raw).log_softmax(-1) - target.log_softmax(-1)).abs().max())
+    if next(hf_model.parameters()).dtype in (torch.float16, torch.bfloat16):
+        tolerance *= 50
+    if error > tolerance:
+        raise ConfigError(f"model {type(hf_model).__name__}: its forward transforms the head's logits in a way "
+                          f"scoring cannot reproduce (log-probs {error:.3g} nats off the forward on a probe); "
+                          "this architecture is not supported")
+    hf_model.scoring_logit_transform = transform
+    return transform
+
+
+# ----------------------------------------------------------------------------------------------
+# Deterministic log-probs
+
+def _target_logps(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, transform: LogitTransform) -> torch.Tensor:
+    """hidden (N, H), targets (N,) -> log p(target) (N,) in fp32."""
+    logits = transform(head(hidden).float())
     return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
 def token_logps(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor,
-                chunk_size: Optional[int] = None, softcap: Optional[float] = None) -> torch.Tensor:
+                chunk_size: Optional[int] = None, transform: LogitTransform = LogitTransform()) -> torch.Tensor:
     """Chunked log p(targets | hidden). hidden (..., N, H), targets (N,) -> (..., N).
 
     Leading dims of `hidden` (e.g. K dropout masks) share the same targets."""
@@ -57,9 +129,9 @@ def token_logps(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tens
         for start in range(0, n, chunk_size):
             h_chunk, t_chunk = h[start:start + chunk_size], targets[start:start + chunk_size]
             if torch.is_grad_enabled() and h_chunk.requires_grad:
-                parts.append(checkpoint(_target_logps, h_chunk, head, t_chunk, softcap, use_reentrant=False))
+                parts.append(checkpoint(_target_logps, h_chunk, head, t_chunk, transform, use_reentrant=False))
             else:
-                parts.append(_target_logps(h_chunk, head, t_chunk, softcap))
+                parts.append(_target_logps(h_chunk, head, t_chunk, transform))
         out.append(torch.cat(parts) if parts else h.new_zeros(0, dtype=torch.float32))
     return torch.stack(out).reshape(*lead, n)
 
@@ -68,15 +140,13 @@ def _response_hidden(model, input_ids, attention_mask, labels):
     """Run the trunk once; return hidden states of the positions that predict response tokens.
 
     input_ids, attention_mask, labels: (B, T); labels are -100 on prompt and padding.
-    Returns hidden (N, H), targets (N,), row index (N,) of each position, head, softcap."""
-    trunk, head = causal_lm_parts(model)
+    Returns hidden (N, H), targets (N,), row index (N,) of each position, head, transform."""
+    trunk, head, transform = causal_lm_parts(model)
     hidden = trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     shifted = labels[:, 1:]
     mask = shifted != -100
     rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(shifted)[mask]
-    config = getattr(model, "config", None)
-    softcap = getattr(config, "final_logit_softcapping", None) if config is not None else None
-    return hidden[:, :-1][mask], shifted[mask], rows, head, softcap
+    return hidden[:, :-1][mask], shifted[mask], rows, head, transform
 
 
 def _sum_per_row(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
@@ -89,15 +159,85 @@ def response_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    chunk_size: Optional[int] = None) -> torch.Tensor:
     """Sum of log p(response tokens) per sequence, (B,) fp32. Prompt/padding (labels -100) excluded,
     EOS included. Gradients flow when called under autograd."""
-    hidden, targets, rows, head, softcap = _response_hidden(model, input_ids, attention_mask, labels)
-    return _sum_per_row(token_logps(hidden, head, targets, chunk_size, softcap), rows, labels.shape[0])
+    hidden, targets, rows, head, transform = _response_hidden(model, input_ids, attention_mask, labels)
+    return _sum_per_row(token_logps(hidden, head, targets, chunk_size, transform), rows, labels.shape[0])
 
+
+# ----------------------------------------------------------------------------------------------
+# The reference
+
+@contextlib.contextmanager
+def adapters_disabled(model):
+    """Inside, a PEFT model computes as the reference: its frozen 'reference' adapter (the SFT stage's
+    adapter) if it has one, else the base with adapters off."""
+    if "reference" in model.peft_config:
+        active = model.active_adapter
+        model.set_adapter("reference")
+        try:
+            yield
+        finally:
+            model.set_adapter(active)  # also restores requires_grad: only the active adapter trains
+    else:
+        with model.disable_adapter():
+            yield
+
+
+class Reference:
+    """Deterministic reference log-probs: a separate frozen model, or the policy's own base with
+    adapters disabled under LoRA (no second copy of the weights). Always eval mode, no grad.
+
+    free=True (loss.reference_free): every reference log-prob is 0, for the loss and for selection
+    alike; a model is then only needed to sample reference responses (online)."""
+
+    def __init__(self, policy, reference_model=None, free: bool = False):
+        if reference_model is None and not hasattr(policy, "disable_adapter") and not free:
+            raise ValueError("a reference model is required unless the policy is a PEFT model or the loss is reference-free")
+        self.policy, self.model, self.free = policy, reference_model, free
+
+    @property
+    def can_generate(self) -> bool:
+        return self.model is not None or hasattr(self.policy, "disable_adapter")
+
+    @contextlib.contextmanager
+    def active(self):
+        """The reference as a model (for sampling), in eval mode without grad."""
+        if not self.can_generate:
+            raise ValueError("this run has no reference model to sample from (reference-free, full fine-tuning)")
+        model = self.model if self.model is not None else self.policy
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), (adapters_disabled(model) if self.model is None else contextlib.nullcontext()):
+                yield model
+        finally:
+            model.train(was_training)
+
+    def logps(self, input_ids, attention_mask, labels) -> torch.Tensor:
+        """(B,) fp32 summed response log-probs under the reference (zeros when reference-free)."""
+        if self.free:
+            return torch.zeros(input_ids.shape[0], device=input_ids.device)
+        with self.active() as model:
+            return response_logps(model, input_ids, attention_mask, labels)
+
+
+# ----------------------------------------------------------------------------------------------
+# Uncertainty of log pi(a|x): MC dropout
 
 def mean_and_variance(samples: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """samples (K, B) -> mean (B,), unbiased variance (B,) (zero when K == 1)."""
     if samples.shape[0] < 2:
         return samples.mean(0), torch.zeros_like(samples[0])
     return samples.mean(0), samples.var(0, unbiased=True)
+
+
+def _dropout(hidden: torch.Tensor, p: float, generator: Optional[torch.Generator], k: Optional[int] = None) -> torch.Tensor:
+    """Inverted dropout with masks drawn from `generator`: (N, H) -> (N, H), or (K, N, H) when k is given."""
+    shape = hidden.shape if k is None else (k,) + hidden.shape
+    if p <= 0:
+        return hidden if k is None else hidden.unsqueeze(0).expand(*shape)
+    keep = 1.0 - p
+    masks = torch.empty(shape, device=hidden.device, dtype=hidden.dtype).bernoulli_(keep, generator=generator)
+    return hidden * masks / keep
 
 
 @torch.no_grad()
@@ -112,35 +252,84 @@ def mc_dropout_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     masking every position.
     method='full': K full forward passes in train mode (every dropout in the network active, LoRA
     dropout included) plus the head dropout p; restores the model's previous mode afterwards.
+    Every mask comes from `generator` (the network's own dropout modules draw from a torch RNG
+    seeded from it, inside a fork that leaves the global RNG untouched).
     """
     if method not in ("head", "full"):
         raise ValueError(f"uncertainty method must be 'head' or 'full', got {method!r}")
+    was_training = model.training
     if method == "head":
-        was_training = model.training
         model.eval()
         try:
-            hidden, targets, rows, head, softcap = _response_hidden(model, input_ids, attention_mask, labels)
+            hidden, targets, rows, head, transform = _response_hidden(model, input_ids, attention_mask, labels)
         finally:
             model.train(was_training)
-        keep = 1.0 - p
-        if p > 0:
-            masks = torch.empty((k,) + hidden.shape, device=hidden.device, dtype=hidden.dtype)
-            masks.bernoulli_(keep, generator=generator)
-            samples_hidden = hidden.unsqueeze(0) * masks / keep
-        else:
-            samples_hidden = hidden.unsqueeze(0).expand(k, *hidden.shape)
-        samples = _sum_per_row(token_logps(samples_hidden, head, targets, chunk_size, softcap), rows, labels.shape[0])
+        samples = _sum_per_row(token_logps(_dropout(hidden, p, generator, k), head, targets, chunk_size, transform),
+                               rows, labels.shape[0])
         return mean_and_variance(samples)
 
-    was_training = model.training
+    seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=generator.device if generator else "cpu"))
+    devices = [input_ids.device] if input_ids.device.type == "cuda" else []
     model.train()
     try:
-        samples = []
-        for _ in range(k):
-            hidden, targets, rows, head, softcap = _response_hidden(model, input_ids, attention_mask, labels)
-            if p > 0:
-                hidden = F.dropout(hidden, p=p, training=True)
-            samples.append(_sum_per_row(token_logps(hidden, head, targets, chunk_size, softcap), rows, labels.shape[0]))
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            samples = []
+            for _ in range(k):
+                hidden, targets, rows, head, transform = _response_hidden(model, input_ids, attention_mask, labels)
+                logps = token_logps(_dropout(hidden, p, generator), head, targets, chunk_size, transform)
+                samples.append(_sum_per_row(logps, rows, labels.shape[0]))
     finally:
         model.train(was_training)
     return mean_and_variance(torch.stack(samples))
+
+
+# ----------------------------------------------------------------------------------------------
+# Estimators by name, and the one scoring call
+
+Estimator = Callable[..., Tuple[torch.Tensor, torch.Tensor]]
+
+
+def mc_dropout_estimator(method: str) -> Callable[[object], Estimator]:
+    """An estimator factory: config -> f(model, ids, mask, labels, generator) -> (mean (B,), std (B,))."""
+    def build(config) -> Estimator:
+        k, p = int(config.mc_samples), float(config.llm_dropout)
+
+        def estimate(model, input_ids, attention_mask, labels, generator=None):
+            mu, var = mc_dropout_logps(model, input_ids, attention_mask, labels, k=k, p=p, method=method, generator=generator)
+            return mu, var.sqrt()
+        return estimate
+    return build
+
+
+# name -> factory(config) -> estimator. Each estimator returns the centre and the spread (nats) of
+# log pi(a|x) per sequence; selectors read nothing else, so a new estimator is one entry here.
+ESTIMATORS: Dict[str, Callable[[object], Estimator]] = {
+    "head": mc_dropout_estimator("head"),   # one trunk pass, K dropout masks on the final hidden state
+    "full": mc_dropout_estimator("full"),   # K full passes with every dropout active (the research code's)
+}
+
+
+def score_sequences(policy, reference: Optional[Reference], sequences: List[Dict], *, estimator: Optional[Estimator],
+                    pad_token_id: int, batch_size: int, device, generator=None) -> Dict[str, torch.Tensor]:
+    """Centre and spread of log pi under the policy (`estimator`, skipped when None) and the reference
+    log-prob (skipped when `reference` is None) of each sequence (prompt + one response, as lists).
+
+    Minibatched by `batch_size` over the sequences sorted by length, so each minibatch is padded to a
+    length close to its own sequences'. Returns any of mu (S,), sigma (S,), ref (S,): CPU fp32 nats,
+    in the order of `sequences`.
+    """
+    out = {"mu": [], "sigma": [], "ref": []}
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]["input_ids"]))
+    for start in range(0, len(order), batch_size):
+        batch = collate([sequences[i] for i in order[start:start + batch_size]], pad_token_id)
+        ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
+        if estimator is not None:
+            mu, sigma = estimator(policy, ids, mask, labels, generator=generator)
+            out["mu"].append(mu.float().cpu())
+            out["sigma"].append(sigma.float().cpu())
+        if reference is not None:
+            out["ref"].append(reference.logps(ids, mask, labels).float().cpu())
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+    return {k: torch.cat(v)[inverse] for k, v in out.items() if v}

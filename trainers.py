@@ -1,25 +1,25 @@
-"""Losses, the BasicTrainer loop, evaluation and checkpoints.
+"""Losses (pure functions) and the BasicTrainer loop.
 
-The trainer does not know where its batches come from: it consumes a *batch source* (plain data,
+The trainer knows only batches. It does not know where they come from: it consumes a *batch source* (plain data,
 an offline selector, or the online generate-select-label loop; see data_selection.py), an
 iterator of `(batch, info)` where `batch` is a collated dict (see preference_datasets.collate) and
 `info['labels']` is how many preference labels (or SFT examples) the batch spends from the budget.
+Evaluation is a callable handed in (evaluation.Evaluator); checkpoint files are checkpoints.py's.
 """
-import contextlib
 import json
+import math
 import os
-import shutil
 import time
 from collections import defaultdict
 from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from scoring import response_logps
-from utils import ConfigError, append_jsonl, atomic_write_text, pad_to_length, read_jsonl, rng_state, set_rng_state
+from checkpoints import load_trained_weights, read_training_state, write_checkpoint
+from scoring import Reference, response_logps
+from utils import append_jsonl, atomic_write_text, pad_to_length, read_jsonl, rng_state, set_rng_state
 
 
 # ----------------------------------------------------------------------------------------------
@@ -76,51 +76,6 @@ def split_batch(batch: Dict, n_parts: int) -> List[Dict]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Reference model access
-
-@contextlib.contextmanager
-def adapters_disabled(model):
-    """Inside, a PEFT model computes as the reference: its frozen 'reference' adapter (the SFT stage's
-    adapter) if it has one, else the base with adapters off."""
-    if "reference" in model.peft_config:
-        active = model.active_adapter
-        model.set_adapter("reference")
-        try:
-            yield
-        finally:
-            model.set_adapter(active)  # also restores requires_grad: only the active adapter trains
-    else:
-        with model.disable_adapter():
-            yield
-
-
-class Reference:
-    """Deterministic reference log-probs: a separate frozen model, or the policy's own base with
-    adapters disabled under LoRA (no second copy of the weights). Always eval mode, no grad."""
-
-    def __init__(self, policy, reference_model=None):
-        if reference_model is None and not hasattr(policy, "disable_adapter"):
-            raise ValueError("a reference model is required unless the policy is a PEFT model")
-        self.policy = policy
-        self.model = reference_model
-
-    @contextlib.contextmanager
-    def active(self):
-        model = self.model if self.model is not None else self.policy
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad(), (adapters_disabled(model) if self.model is None else contextlib.nullcontext()):
-                yield model
-        finally:
-            model.train(was_training)
-
-    def logps(self, input_ids, attention_mask, labels) -> torch.Tensor:
-        with self.active() as model:
-            return response_logps(model, input_ids, attention_mask, labels)
-
-
-# ----------------------------------------------------------------------------------------------
 # Trainer
 
 def _to(batch: Dict, device) -> Dict:
@@ -135,10 +90,10 @@ class BasicTrainer:
     """
 
     def __init__(self, policy, reference: Optional[Reference], tokenizer, config, run_dir: str,
-                 batch_source, eval_batches: List[Dict], logger, device, sampler=None):
+                 batch_source, evaluator, logger, device):
         self.policy, self.reference, self.tokenizer = policy, reference, tokenizer
         self.config, self.run_dir, self.batch_source = config, run_dir, batch_source
-        self.eval_batches, self.logger, self.device, self.sampler = eval_batches, logger, device, sampler
+        self.evaluator, self.logger, self.device = evaluator, logger, device
         # online_loss=sft_winner reproduces the original research code: NLL of the oracle's winner only
         self.loss_name = "sft" if config.online and config.online_loss == "sft_winner" else config.loss.name
         trainable = [p for p in policy.parameters() if p.requires_grad]
@@ -167,9 +122,7 @@ class BasicTrainer:
 
         concat = concatenated_inputs(batch)
         n = batch["chosen_input_ids"].shape[0]
-        if self.config.loss.reference_free:
-            ref_chosen = ref_rejected = torch.zeros(n, device=concat["input_ids"].device)
-        elif "reference_chosen_logps" in batch:
+        if "reference_chosen_logps" in batch:
             # scored during selection: never pay for a second reference pass
             ref_chosen, ref_rejected = batch["reference_chosen_logps"], batch["reference_rejected_logps"]
         else:
@@ -215,32 +168,6 @@ class BasicTrainer:
         out["lr"] = self.scheduler.get_last_lr()[0]
         return out
 
-    # -- evaluation ------------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def evaluate(self) -> Dict[str, float]:
-        """Mean eval metrics over the held-out batches (+ a table of samples if configured)."""
-        self.policy.eval()
-        collected = defaultdict(list)
-        for batch in tqdm(self.eval_batches, desc="eval", leave=False, disable=len(self.eval_batches) < 2):
-            self.attach_reference_logps(batch)
-            _, metrics = self.batch_metrics(_to(batch, self.device), train=False)
-            for k, v in metrics.items():
-                collected[k].append(v.float().cpu())
-        results = {k: torch.cat(v).mean().item() for k, v in collected.items()}
-        if self.sampler is not None:
-            results.update(self.sampler(self))
-        return results
-
-    def attach_reference_logps(self, batch: Dict) -> None:
-        """The reference never changes: score a held-out batch with it once, at the first eval."""
-        if self.loss_name == "sft" or self.config.loss.reference_free or "reference_chosen_logps" in batch:
-            return
-        concat = _to(concatenated_inputs(batch), self.device)
-        logps = self.reference.logps(concat["input_ids"], concat["attention_mask"], concat["labels"]).cpu()
-        n = batch["chosen_input_ids"].shape[0]
-        batch["reference_chosen_logps"], batch["reference_rejected_logps"] = logps[:n], logps[n:]
-
     # -- loop ------------------------------------------------------------------------------------
 
     def log(self, metrics: Dict[str, float]) -> None:
@@ -249,7 +176,7 @@ class BasicTrainer:
         self.logger.log({k: v for k, v in metrics.items() if k != "split"}, step=self.example_counter)
 
     def evaluate_and_log(self) -> Dict[str, float]:
-        results = self.evaluate()
+        results = self.evaluator(self) if self.evaluator is not None else {}
         self.log({"split": "eval", **results})
         return results
 
@@ -260,12 +187,17 @@ class BasicTrainer:
         Checkpoints are taken between steps, while the batch source is suspended right after the
         batch it last produced, so a resumed run draws exactly the batches the uninterrupted one would."""
         start = time.time()
-        progress = tqdm(total=self.config.n_examples, initial=self.example_counter, dynamic_ncols=True,
-                        desc=f"{self.loss_name} ({self.config.exp_name})", unit="label" if self.loss_name != "sft" else "ex")
         last_eval_at = None
         if self.step == 0 and self.config.do_first_eval:
+            tqdm.write("first eval (before training)")
             self.evaluate_and_log()
             last_eval_at = 0
+        # the bar advances a step at a time (its rate and time left are per step); labels are a counter
+        budget = self.config.n_examples
+        total_steps = math.ceil(int(budget) / int(self.config.batch_size)) if budget is not None else None
+        unit = "label" if self.loss_name != "sft" or self.config.online else "ex"
+        progress = tqdm(total=total_steps, initial=self.step, dynamic_ncols=True, unit="step",
+                        desc=f"{self.loss_name} ({self.config.exp_name})")
         for batch, info in self.batch_source:
             t0 = time.time()
             metrics = self.train_step(batch)
@@ -277,8 +209,10 @@ class BasicTrainer:
             self.log({"split": "train", **metrics})
             if info.get("pairs"):
                 self.logger.table("labelled_pairs", ["prompt", "chosen", "rejected"], info["pairs"], step=self.example_counter)
-            progress.update(labels)
-            progress.set_postfix({"loss": f"{metrics['loss/train']:.3f}", **self.batch_source.progress()})
+            progress.update(1)
+            count = f"{self.example_counter}" + (f"/{budget}" if budget is not None else "")
+            progress.set_postfix({f"{unit}s": count, "loss": f"{metrics['loss/train']:.3f}",
+                                  **{k: v for k, v in self.batch_source.progress().items() if k != "labels"}})
             if self.example_counter >= self.next_eval:
                 self.next_eval = self.example_counter + int(self.config.eval_every)
                 self.evaluate_and_log()
@@ -286,6 +220,7 @@ class BasicTrainer:
                 self.save()
         progress.close()
         if last_eval_at != self.example_counter:
+            tqdm.write("final eval")
             self.evaluate_and_log()
         checkpoint = self.save()
         evals = [r for r in read_jsonl(os.path.join(self.run_dir, "metrics.jsonl")) if r.get("split") == "eval"]
@@ -304,150 +239,20 @@ class BasicTrainer:
                 "source": self.batch_source.state_dict(), "rng": rng_state()}
 
     def save(self) -> Optional[str]:
-        """Write step-N/ atomically (temp dir, then rename) and point LATEST at it (not in debug mode)."""
+        """Checkpoint step-N/ (see checkpoints.write_checkpoint); none in debug mode."""
         if self.config.debug:
             return None
-        name = f"step-{self.step}"
-        final = os.path.join(self.run_dir, name)
-        if os.path.exists(final):
-            return final
-        tmp = os.path.join(self.run_dir, f".tmp-{name}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        save_policy(self.policy, self.tokenizer, tmp)
-        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                    "trainer": self.trainer_state()}, os.path.join(tmp, "training_state.pt"))
-        atomic_write_text(os.path.join(tmp, "config.yaml"), OmegaConf.to_yaml(self.config, resolve=True))
-        os.replace(tmp, final)
-        link_tmp = os.path.join(self.run_dir, ".LATEST.tmp")
-        if os.path.lexists(link_tmp):
-            os.remove(link_tmp)
-        os.symlink(name, link_tmp)
-        os.replace(link_tmp, os.path.join(self.run_dir, "LATEST"))
-        return final
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "trainer": self.trainer_state()}
+        return write_checkpoint(self.run_dir, self.step, self.policy, self.tokenizer, state, self.config)
 
     def load_training_state(self, checkpoint_dir: str) -> None:
         """Continue from a checkpoint of this run: weights, optimizer, scheduler, counters, RNG, data position."""
         load_trained_weights(self.policy, checkpoint_dir)
-        data = torch.load(os.path.join(checkpoint_dir, "training_state.pt"), weights_only=True)
+        data = read_training_state(checkpoint_dir)
         self.optimizer.load_state_dict(data["optimizer"])
         self.scheduler.load_state_dict(data["scheduler"])
         state = data["trainer"]
         self.step, self.example_counter, self.next_eval = state["step"], state["example_counter"], state["next_eval"]
         set_rng_state(state["rng"])
-        self.batch_source.load_state_dict(data["trainer"]["source"])
-
-
-def load_trained_weights(policy, directory: str) -> None:
-    """The trained weights of a checkpoint: the 'default' adapter under LoRA, else policy.pt (strict)."""
-    adapter = os.path.join(directory, "adapter")
-    if hasattr(policy, "peft_config"):
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-        result = set_peft_model_state_dict(policy, load_file(os.path.join(adapter, "adapter_model.safetensors")),
-                                           adapter_name="default")
-        if result.unexpected_keys:
-            raise ValueError(f"{adapter}: adapter does not match the model ({result.unexpected_keys[0]} unexpected)")
-    else:
-        load_archive(policy, directory)
-
-
-def load_archive(model, directory: str) -> None:
-    """Load policy.pt strictly, with one line naming what does not match."""
-    path = os.path.join(directory, "policy.pt")
-    if not os.path.exists(path):
-        raise ConfigError(f"model.archive: {directory} holds no policy.pt")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    mismatched = [k for k in expected if k in state and state[k].shape != expected[k].shape]
-    if missing or unexpected or mismatched:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
-        if mismatched:
-            k = mismatched[0]
-            parts.append(f"{len(mismatched)} shape mismatches (e.g. {k}: archive {tuple(state[k].shape)} vs model {tuple(expected[k].shape)})")
-        raise ConfigError(f"model.archive={path} does not match model={model.config.model_type}: " + "; ".join(parts))
-    model.load_state_dict(state, strict=True)
-
-
-def save_policy(policy, tokenizer, directory: str) -> None:
-    """policy.pt (full state dict) or adapter/ (PEFT adapter), plus the tokenizer."""
-    if hasattr(policy, "peft_config"):
-        policy.save_pretrained(os.path.join(directory, "adapter"))
-    else:
-        torch.save(policy.state_dict(), os.path.join(directory, "policy.pt"))
-    tokenizer.save_pretrained(os.path.join(directory, "tokenizer"))
-
-
-# ----------------------------------------------------------------------------------------------
-# Generation-based evaluation
-
-def task_metrics(records: List[Tuple[str, str, object]], texts: List[str]) -> Dict[str, float]:
-    """Per-dataset metrics of generated answers. records: (dataset, prompt, PromptData) per text."""
-    from oracles import haiku_metrics, jeopardy_metrics
-    out = {}
-    by_name = defaultdict(list)
-    for (name, _, data), text in zip(records, texts):
-        by_name[name].append((data, text))
-    for name, items in by_name.items():
-        if name == "haikus":
-            out.update({f"haiku/{k}": v for k, v in haiku_metrics([t for _, t in items], [d.keywords for d, _ in items]).items()})
-        elif name == "jeopardy":
-            out.update({f"jeopardy/{k}": v for k, v in jeopardy_metrics([t for _, t in items], [d.reference for d, _ in items]).items()})
-    return out
-
-
-def build_sampler(config, tokenizer, device, reference: Optional[Reference], run_dir: str, judge=None):
-    """Greedy answers of the policy on `n_eval_model_samples` held-out prompts at every eval: task
-    metrics (jeopardy correct/abstain/wrong, haiku validity...), the win rate against the reference
-    policy's answers judged by the eval oracle (its own ledger, outside the label budget) and, with
-    sample_during_eval, a table of samples (wandb + <run_dir>/samples.jsonl). None when there is
-    nothing to measure or show."""
-    import itertools
-    from data_selection import data_kwargs, sample_responses
-    from oracles import EVAL_LEDGER_FILENAME, Ledger, evaluate_win_rate
-    from preference_datasets import iterate_prompts, tokenize_element, truncation_mode_for
-    names = list(config.datasets)
-    judge = judge if reference is not None else None
-    if not config.sample_during_eval and judge is None and not {"haikus", "jeopardy"} & set(names):
-        return None
-    ledger = Ledger(os.path.join(run_dir, EVAL_LEDGER_FILENAME)) if judge is not None else None
-    kwargs = data_kwargs(config, tokenizer)
-    fmt = kwargs["prompt_format"] or (lambda p: p)
-    records = list(itertools.islice(iterate_prompts(names, "test", seed=int(config.seed), shuffle=False,
-                                                    data_files=kwargs["data_files"], cache_dir=config.cache_dir),
-                                    int(config.n_eval_model_samples)))
-    ids = [tokenize_element(fmt(prompt), "", None, tokenizer, kwargs["max_length"], kwargs["max_prompt_length"],
-                            truncation_mode_for(name))["prompt_input_ids"] for name, prompt, _ in records]
-    greedy = OmegaConf.create({"temperature": 0.0, "top_p": 1.0, "max_new_tokens": config.generation.max_new_tokens})
-    size = int(config.eval_batch_size)
-    reference_texts: List[str] = []   # the reference never changes: generated once
-
-    def answers(model) -> List[str]:
-        return [t[0] for start in range(0, len(ids), size)
-                for t in sample_responses(model, tokenizer, ids[start:start + size], 1, greedy, device)]
-
-    def sample(trainer) -> Dict[str, float]:
-        texts = answers(trainer.policy)
-        metrics = task_metrics(records, texts)
-        if judge is not None:
-            if not reference_texts:
-                with reference.active() as model:
-                    reference_texts.extend(answers(model))
-            result = evaluate_win_rate(judge, ledger, [p for _, p, _ in records], texts, reference_texts,
-                                       [d.reference for _, _, d in records], [d.keywords for _, _, d in records])
-            metrics.update({f"win_rate/{k}": float(v) for k, v in result.items()})
-        if config.sample_during_eval:
-            rows = [[name, prompt, text] for (name, prompt, _), text in zip(records, texts)]
-            trainer.logger.table("samples", ["dataset", "prompt", "policy"], rows, step=trainer.example_counter)
-            for row in rows:
-                append_jsonl(os.path.join(trainer.run_dir, "samples.jsonl"),
-                             {"labels": trainer.example_counter, "dataset": row[0], "prompt": row[1], "policy": row[2]})
-        return metrics
-
-    return sample
+        self.batch_source.load_state_dict(state["source"])

@@ -21,6 +21,17 @@ class DataError(UserError):
     """A data file is missing, unreadable or lacks the expected fields. The message names the file."""
 
 
+def check_number(key: str, value: Any, minimum: float, integer: bool = False, allow_none: bool = False) -> None:
+    """Raise ConfigError naming config key `key` unless `value` is a number (an int with `integer`;
+    bools are not numbers here) >= `minimum`, or None where `allow_none`."""
+    if value is None and allow_none:
+        return
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind) or value < minimum:
+        what = "an integer" if integer else "a number"
+        raise ConfigError(f"{key} must be {what} >= {minimum}{' or null' if allow_none else ''}, got {value!r}")
+
+
 def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2 ** 32))

@@ -7,8 +7,8 @@ LoRA, a batch of 8 pairs x (64 prompt + 64 response) tokens cut from Anthropic-H
 dropout off. Each configuration runs in a FRESH process (this script re-invokes itself with
 --child NAME), so no peak leaks from one into the other:
 
-  ours     policy with LoRA (train.add_lora); the reference is the same base with the adapters
-           disabled (trainers.Reference); one trainers.BasicTrainer.train_step per step, whose
+  ours     policy with LoRA (models.add_lora); the reference is the same base with the adapters
+           disabled (scoring.Reference); one trainers.BasicTrainer.train_step per step, whose
            log-probs (scoring.response_logps) project only response positions, in chunks.
   authors  the authors' formulation: the same LoRA policy plus a separately loaded full reference
            copy, and full-vocabulary logits at every position (model(...).logits.log_softmax(-1),
@@ -81,8 +81,9 @@ def authors_step(policy, reference, optimizer, batch, config) -> None:
 def run_child(args) -> None:
     """Load, run the steps of configuration args.child, print one RESULT line (JSON)."""
     from preference_datasets import collate
-    from train import add_lora, enable_activation_checkpointing, load_model
-    from trainers import BasicTrainer, Reference
+    from models import add_lora, enable_activation_checkpointing, load_model
+    from trainers import BasicTrainer
+    from scoring import Reference
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -98,7 +99,7 @@ def run_child(args) -> None:
                                                                               tokenizer.pad_token_id).items()}
     if args.child == "ours":
         trainer = BasicTrainer(policy, Reference(policy), tokenizer, config, tempfile.mkdtemp(prefix="bench_memory_"),
-                               batch_source=None, eval_batches=[], logger=None, device=device)
+                               batch_source=None, evaluator=None, logger=None, device=device)
 
         def step():
             trainer.train_step(batch)

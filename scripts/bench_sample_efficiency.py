@@ -9,7 +9,7 @@ baseline's final value, Welch's t-test) and the table is printed and written to 
               pairs correct > abstain > wrong from the J! Archive file; ae and us against uniform.
               Metrics on held-out clues: jeopardy/{wrong,abstain,correct}_rate of greedy answers and
               rewards_eval/accuracies.
-    haikus    online. The strict 5-7-5 rows of haiku_test.csv (oracles.is_strict_haiku) are written
+    haikus    online. The strict 5-7-5 rows of haiku_test.csv (task_rules.is_strict_haiku) are written
               to <out>/data/{train,test}.csv (split by keyword set, so no test prompt is seen in
               training); a ~3.7M-parameter tiny Llama is SFT'd on them once (<out>/sft/); then online
               DPO from that checkpoint with the rule oracle: borda against uniref. Metrics: haiku/*
@@ -143,7 +143,7 @@ def haiku_dpo(args, strategy: str) -> List[str]:
 def write_strict_haikus(args) -> None:
     """<out>/data/{train,test}.csv: the rows of haiku_test.csv that are strict 5-7-5 haikus with all
     their keywords, with the source's columns; 10% of the keyword sets (seeded, fixed) go to test."""
-    from oracles import is_strict_haiku
+    from task_rules import is_strict_haiku
     from preference_datasets import _haiku_keywords  # the loader's own keyword parsing
     directory = haiku_data_dir(args)
     if os.path.exists(os.path.join(directory, "test.csv")):

@@ -4,9 +4,9 @@ Measured: wall time (s) to score one pool of P candidate pairs (2P sequences of 
 response_len tokens, cut from Anthropic-HH prompts and responses) for the AE acquisition, two ways,
 same model, same pool, same minibatches of --selection-batch-size sequences:
 
-  ours   data_selection.score_sequences: per sequence one trunk pass, K dropout masks (rate p) on the
+  ours   scoring.score_sequences: per sequence one trunk pass, K dropout masks (rate p) on the
          final hidden state of the response positions only, each projected by the output head
-         (scoring.mc_dropout_logps, method='head'), plus one reference pass (trainers.Reference.logps);
+         (scoring.mc_dropout_logps, method='head'), plus one reference pass (scoring.Reference.logps);
          log-probs are computed at response positions only, in chunks.
   naive  the authors' research code: K full network passes in train mode with dropout (rate p) on the
          final hidden state of every position (a hook on the output head), full-vocabulary logits
@@ -90,7 +90,7 @@ def compose_config(args, *overrides: str):
 
 
 def load_tokenizer_and_model(config, quantize_4bit: bool = False):
-    from train import load_model, load_tokenizer
+    from models import load_model, load_tokenizer
     tokenizer = load_tokenizer(config)
     return tokenizer, load_model(config, tokenizer, config.model.policy_dtype, quantize_4bit=quantize_4bit)
 
@@ -183,12 +183,10 @@ def head_dropout(model, p: float) -> Iterator[None]:
 def score_ours(model, sequences: List[Dict], k: int, p: float, batch_size: int, device, pad_token_id: int,
                generator: torch.Generator) -> Dict[str, torch.Tensor]:
     from omegaconf import OmegaConf
-    from data_selection import score_sequences
-    from trainers import Reference
-    config = OmegaConf.create({"selection_batch_size": batch_size, "mc_samples": k, "llm_dropout": p,
-                               "uncertainty_method": "head"})
-    return score_sequences(model, Reference(model, model), sequences, config, device, pad_token_id,
-                           need_policy=True, need_reference=True, generator=generator)
+    from scoring import ESTIMATORS, Reference, score_sequences
+    estimator = ESTIMATORS["head"](OmegaConf.create({"mc_samples": k, "llm_dropout": p}))
+    return score_sequences(model, Reference(model, model), sequences, estimator=estimator, pad_token_id=pad_token_id,
+                           batch_size=batch_size, device=device, generator=generator)
 
 
 @torch.no_grad()
@@ -196,7 +194,7 @@ def score_naive(model, sequences: List[Dict], k: int, p: float, batch_size: int,
                 ) -> Dict[str, torch.Tensor]:
     from preference_datasets import collate
     from scoring import mean_and_variance
-    out = {"mu": [], "var": [], "ref": []}
+    out = {"mu": [], "sigma": [], "ref": []}
     for start in range(0, len(sequences), batch_size):
         batch = collate(sequences[start:start + batch_size], pad_token_id)
         ids, mask, labels = (batch[key].to(device) for key in ("input_ids", "attention_mask", "labels"))
@@ -206,14 +204,14 @@ def score_naive(model, sequences: List[Dict], k: int, p: float, batch_size: int,
         model.eval()
         mu, var = mean_and_variance(samples)
         out["mu"].append(mu.cpu())
-        out["var"].append(var.cpu())
+        out["sigma"].append(var.sqrt().cpu())
         out["ref"].append(full_logits_logps(model, ids, mask, labels).cpu())
     return {key: torch.cat(values) for key, values in out.items()}
 
 
 def ae_values(scores: Dict[str, torch.Tensor], gamma: float) -> torch.Tensor:
     from data_selection import ae_acquisition
-    return ae_acquisition(scores["mu"].view(-1, 2), scores["var"].sqrt().view(-1, 2), scores["ref"].view(-1, 2), gamma)
+    return ae_acquisition(scores["mu"].view(-1, 2), scores["sigma"].view(-1, 2), scores["ref"].view(-1, 2), gamma)
 
 
 def pool_sequences(pairs: List[Pair]) -> List[Dict]:
@@ -232,7 +230,7 @@ def calibrate(args, model, sequences, device, pad_token_id) -> None:
     generator = torch.Generator(device=device).manual_seed(args.seed)
     for p in (0.01, 0.02, 0.05, 0.1):
         scores = score_ours(model, sequences, args.k, p, args.selection_batch_size, device, pad_token_id, generator)
-        sigma = scores["var"].sqrt()
+        sigma = scores["sigma"]
         print(f"{p:>11} | {sigma.mean():17.4f} | {sigma.median():12.4f} | {sigma.mean() / args.response_len:13.5f} | "
               f"{ae_values(scores, args.gamma).mean():24.4f}")
 
@@ -311,7 +309,7 @@ def main() -> None:
           f"{max(diff.values()) / scale:.1e} (float32 rounding; the AE/US acquisitions are 0 at p=0)")
     print(f"agreement at p={args.p}, K={args.k}, whole pool (random draws: close, not equal):")
     for name, scores in last_scores.items():
-        print(f"  {name:5s}: mean sigma {scores['var'].sqrt().mean():.4f}   mean mu {scores['mu'].mean():.3f}   "
+        print(f"  {name:5s}: mean sigma {scores['sigma'].mean():.4f}   mean mu {scores['mu'].mean():.3f}   "
               f"mean AE acquisition {ae_values(scores, args.gamma).mean():.4f}")
 
 

@@ -13,9 +13,9 @@ forward, backward, gradient clipping, optimizer and scheduler step):
 Both: the same token ids (Anthropic-HH prompts/responses cut to exactly 64 + 64 tokens; TRL's own
 text tokenisation is replaced by these ids), AdamW lr 1e-5 (weight decay 0.01, torch's default),
 constant learning rate, max_grad_norm and beta from the project config (10.0, 0.1).
-Models: --model tiny (the tiny Llama of train.load_model with model=tiny, tokenizer from
-train.build_tiny_tokenizer on the HH texts; full fine-tuning, the reference a second copy on both
-sides) and --model smollm2-135m --lora (LoRA from train.add_lora; TRL gets the same LoraConfig; the
+Models: --model tiny (the tiny Llama of models.load_model with model=tiny, tokenizer from
+models.build_tiny_tokenizer on the HH texts; full fine-tuning, the reference a second copy on both
+sides) and --model smollm2-135m --lora (LoRA from models.add_lora; TRL gets the same LoraConfig; the
 reference is the base with adapters disabled on both sides).
 
 Timing: --warmup steps of each (not timed), then blocks of --steps steps alternate in one process,
@@ -59,7 +59,7 @@ def require_trl() -> None:
 
 def load_models(config, tokenizer, lora: bool, device):
     """(policy, reference model or None): our loading path; under LoRA no reference copy."""
-    from train import add_lora, load_model
+    from models import add_lora, load_model
     policy = load_model(config, tokenizer, config.model.policy_dtype)
     if lora:
         return add_lora(policy, config).to(device), None
@@ -70,7 +70,7 @@ def load_models(config, tokenizer, lora: bool, device):
 def build_trl_trainer(args, config, tokenizer, pairs, peft_config, callback):
     """A DPOTrainer on a fresh copy of the model, training on exactly `pairs` (token ids)."""
     from datasets import Dataset
-    from train import load_model
+    from models import load_model
     from trl import DPOConfig, DPOTrainer
     model = load_model(config, tokenizer, config.model.policy_dtype)
     ref_model = None if peft_config else load_model(config, tokenizer, config.model.reference_dtype)
@@ -133,7 +133,7 @@ def make_interleaver(device, warmup: int, steps: int, schedule: List[str], run_o
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser, default_model="tiny", pairs=8, seq_len=64)
-    parser.add_argument("--lora", action="store_true", help="LoRA adapters (train.add_lora) instead of full fine-tuning")
+    parser.add_argument("--lora", action="store_true", help="LoRA adapters (models.add_lora) instead of full fine-tuning")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps of each trainer first")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per block")
     parser.add_argument("--blocks", type=int, default=3, help="alternating blocks in all (odd: A-B-A...)")
@@ -143,8 +143,9 @@ def main() -> None:
         parser.error("--blocks must be >= 2 (each trainer runs at least one block)")
     require_trl()
     from preference_datasets import collate
-    from train import load_tokenizer
-    from trainers import BasicTrainer, Reference
+    from models import load_tokenizer
+    from trainers import BasicTrainer
+    from scoring import Reference
 
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
@@ -157,7 +158,7 @@ def main() -> None:
 
     policy, reference_model = load_models(config, tokenizer, args.lora, device)
     ours = BasicTrainer(policy, Reference(policy, reference_model), tokenizer, config,
-                        tempfile.mkdtemp(prefix="bench_step_ours_"), batch_source=None, eval_batches=[],
+                        tempfile.mkdtemp(prefix="bench_step_ours_"), batch_source=None, evaluator=None,
                         logger=None, device=device)
     ours_blocks: List[List[Dict[str, float]]] = []
 

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf  # noqa: E402
 def export_merged(checkpoint: str, out_dir: str) -> None:
     """checkpoint: a step-N/ or LATEST directory written by the trainer."""
     from transformers import AutoTokenizer
-    from train import archive_directory, load_model
+    from models import archive_directory, load_model
     directory = archive_directory(checkpoint)
     config = OmegaConf.load(os.path.join(directory, "config.yaml"))
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(directory, "tokenizer"))

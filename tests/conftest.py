@@ -26,7 +26,7 @@ CORPUS = [
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from train import build_tiny_tokenizer
+    from models import build_tiny_tokenizer
     import tempfile
     return build_tiny_tokenizer(CORPUS, 600, tempfile.mkdtemp())
 

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from data_selection import (OFFLINE_SELECTORS, ae_acquisition, borda_acquisition, borda_bounds, top_k,
+from data_selection import (STRATEGIES, ae_acquisition, borda_acquisition, borda_bounds, top_k,
                             us_acquisition)
 
 
@@ -40,14 +40,14 @@ def test_us_picks_the_most_uncertain_pair():
 def test_selection_is_symmetric_in_the_pair_so_labels_are_never_read():
     torch.manual_seed(0)
     mu, sigma, ref = torch.randn(10, 2) * 5, torch.rand(10, 2) * 3, torch.randn(10, 2)
-    cfg = type("C", (), {"active_beta": 2.0})
+    cfg = type("C", (), {"active_beta": 2.0, "online": False})
     for name in ("ae", "us"):
-        s = {"mu": mu, "var": sigma ** 2, "ref": ref}
+        s = {"mu": mu, "sigma": sigma, "ref": ref}
         swapped = {k: v.flip(-1) for k, v in s.items()}
-        a = OFFLINE_SELECTORS[name].acquisition(s, cfg)
-        b = OFFLINE_SELECTORS[name].acquisition(swapped, cfg)
-        assert torch.allclose(a, b)
-        assert top_k(a, 4) == top_k(b, 4)
+        a = STRATEGIES[name].select(s, 10, 4, cfg, None)
+        b = STRATEGIES[name].select(swapped, 10, 4, cfg, None)
+        assert torch.allclose(a.acquisition, b.acquisition)
+        assert a.rows == b.rows
 
 
 def test_borda_bounds_by_hand_and_prompt_with_widest_gap_wins():
@@ -84,9 +84,7 @@ def test_score_sequences_returns_scores_in_input_order(tokenizer):
     """Scoring sorts by length for padding; results must come back in the caller's order."""
     from omegaconf import OmegaConf
     from conftest import make_tiny_model
-    from data_selection import score_sequences
-    from scoring import response_logps
-    from trainers import Reference
+    from scoring import ESTIMATORS, Reference, response_logps, score_sequences
     model, ref_model = make_tiny_model(tokenizer, seed=0), make_tiny_model(tokenizer, seed=1)
     g = torch.Generator().manual_seed(0)
     sequences = []
@@ -94,8 +92,8 @@ def test_score_sequences_returns_scores_in_input_order(tokenizer):
         ids = torch.randint(3, len(tokenizer), (length,), generator=g).tolist()
         sequences.append({"input_ids": ids, "attention_mask": [1] * length, "labels": [-100] * 2 + ids[2:]})
     cfg = OmegaConf.create({"selection_batch_size": 4, "mc_samples": 3, "llm_dropout": 0.0, "uncertainty_method": "head"})
-    scores = score_sequences(model, Reference(model, ref_model), sequences, cfg, "cpu", tokenizer.pad_token_id,
-                             need_policy=True, need_reference=True)
+    scores = score_sequences(model, Reference(model, ref_model), sequences, estimator=ESTIMATORS["head"](cfg),
+                             pad_token_id=tokenizer.pad_token_id, batch_size=4, device="cpu")
     for i, s in enumerate(sequences):
         t = lambda key: torch.tensor([s[key]])
         assert scores["mu"][i].item() == pytest.approx(response_logps(model, t("input_ids"), t("attention_mask"), t("labels")).item(), abs=1e-4)

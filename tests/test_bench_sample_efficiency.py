@@ -70,7 +70,7 @@ def test_haiku_source_without_its_columns_is_a_one_line_error(tmp_path):
 
 
 def test_strict_haiku_split_keeps_test_prompts_out_of_training(tmp_path, capsys):
-    from oracles import is_strict_haiku
+    from task_rules import is_strict_haiku
     from preference_datasets import _haiku_keywords
     data = tmp_path / "data"
     data.mkdir()

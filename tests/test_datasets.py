@@ -122,14 +122,18 @@ def test_hh_malformed_rows_are_skipped_and_counted_once(capsys):
     assert capsys.readouterr().out == ''
 
 
-def test_single_file_split_is_seeded_disjoint_and_complete():
+def test_single_file_split_is_fixed_by_split_seed_not_by_seed():
     prompts = list(load_all('hh', fixture('hh.jsonl')))
     first = pds.get_dataset('hh', 'test', seed=0, data_file=fixture('hh.jsonl'), silent=True)
     again = pds.get_dataset('hh', 'test', seed=0, data_file=fixture('hh.jsonl'), silent=True)
     assert list(first) == list(again) and len(first) == 2       # 10 % of 20 prompts
     train = pds.get_dataset('hh', 'train', seed=0, data_file=fixture('hh.jsonl'), silent=True)
     assert [p for p in prompts if p in train] == list(train)     # file order is kept
-    other_tests = [set(pds.get_dataset('hh', 'test', seed=s, data_file=fixture('hh.jsonl'), silent=True))
+    assert not set(train) & set(first) and len(train) + len(first) == len(prompts)
+    # a seed sweep keeps the test set; another split_seed draws another one
+    for seed in range(1, 6):
+        assert set(pds.get_dataset('hh', 'test', seed=seed, data_file=fixture('hh.jsonl'), silent=True)) == set(first)
+    other_tests = [set(pds.get_dataset('hh', 'test', seed=0, split_seed=s, data_file=fixture('hh.jsonl'), silent=True))
                    for s in range(1, 6)]
     assert any(t != set(first) for t in other_tests)
 

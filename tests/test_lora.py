@@ -15,7 +15,7 @@ def pairs(tmp_path):
 
 
 def build(tmp_path, pairs, *extra):
-    from train import add_lora, load_model, load_tokenizer
+    from models import add_lora, load_model, load_tokenizer
     config = compose_config(tiny_overrides(tmp_path, f"datasets=[{pairs}]", "loss=dpo", "exp_name=x", *extra))
     tokenizer = load_tokenizer(config)
     base = load_model(config, tokenizer, "float32", quantize_4bit=bool(config.qlora))
@@ -38,7 +38,7 @@ def perturb_adapters(model, scale=0.05):
 
 
 def test_adapter_disabled_reference_equals_base_and_no_second_copy(tmp_path, pairs):
-    from trainers import Reference
+    from scoring import Reference
     config, tokenizer, base, add_lora = build(tmp_path, pairs, "lora=true")
     ids, mask, labels = sample_batch(tokenizer)
     with torch.no_grad():
@@ -58,7 +58,8 @@ def test_adapter_disabled_reference_equals_base_and_no_second_copy(tmp_path, pai
 
 def test_shared_reference_dpo_matches_two_copy_dpo(tmp_path, pairs):
     from omegaconf import OmegaConf
-    from trainers import BasicTrainer, Reference
+    from trainers import BasicTrainer
+    from scoring import Reference
     from preference_datasets import collate, iterate_elements
     config, tokenizer, base, add_lora = build(tmp_path, pairs, "lora=true")
     import copy
@@ -74,7 +75,7 @@ def test_shared_reference_dpo_matches_two_copy_dpo(tmp_path, pairs):
                             "train_dropout": False, "eval_every": 100, "online": False})
     results = []
     for reference in (Reference(policy), Reference(policy, frozen_copy)):
-        trainer = BasicTrainer(policy, reference, tokenizer, cfg, str(tmp_path), None, [], None, "cpu")
+        trainer = BasicTrainer(policy, reference, tokenizer, cfg, str(tmp_path), None, None, None, "cpu")
         loss, metrics = trainer.batch_metrics(batch, train=True)
         grads = torch.autograd.grad(loss, [p for p in policy.parameters() if p.requires_grad])
         results.append((loss.detach(), metrics["rewards_train/chosen"], torch.cat([g.flatten() for g in grads])))
@@ -96,7 +97,7 @@ def test_mc_dropout_under_lora_head_and_full(tmp_path, pairs):
 
 
 def test_qlora_forward_backward_generate_on_cpu(tmp_path, pairs):
-    from trainers import Reference
+    from scoring import Reference
     from data_selection import sample_responses
     from omegaconf import OmegaConf
     # the CPU 4-bit kernels quantise in blocks of 64 along the input dimension
@@ -119,8 +120,9 @@ def test_lora_sft_adapter_becomes_the_dpo_reference_and_exports_merged(tmp_path,
     """SFT with LoRA, then DPO with LoRA from that checkpoint: the reference log-probs are exactly the
     SFT model's (not the pre-SFT base), the checkpoint holds a PEFT adapter, and the merged export
     reproduces the policy."""
-    from train import load_model, load_tokenizer, main_with
-    from trainers import Reference
+    from models import load_model, load_tokenizer
+    from train import main_with
+    from scoring import Reference
     from transformers import AutoModelForCausalLM
     sft = main_with(compose_config(tiny_overrides(tmp_path, f"datasets=[{pairs}]", "loss=sft", "exp_name=sft", "lora=true",
                                                   "batch_size=8", "n_examples=32", "lr=1e-2")))
@@ -153,7 +155,7 @@ def test_lora_sft_adapter_becomes_the_dpo_reference_and_exports_merged(tmp_path,
     exported = AutoModelForCausalLM.from_pretrained(out)
     config, tokenizer, base, add_lora = build(tmp_path, pairs, "lora=true", f"model.archive={sft['checkpoint']}")
     policy = add_lora(base, config)
-    from trainers import load_trained_weights
+    from checkpoints import load_trained_weights
     load_trained_weights(policy, dpo["checkpoint"])
     with torch.no_grad():
         assert torch.allclose(response_logps(exported, ids, mask, labels), response_logps(policy, ids, mask, labels), atol=1e-4)

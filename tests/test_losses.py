@@ -65,7 +65,8 @@ def test_chunked_log_probs_equal_full_projection_with_gradients():
 def test_gradient_accumulation_equals_one_batch(tokenizer):
     """32 pairs in 2 microbatches give the same gradient as the 32 pairs at once."""
     from omegaconf import OmegaConf
-    from trainers import BasicTrainer, Reference
+    from trainers import BasicTrainer
+    from scoring import Reference
     torch.manual_seed(1)
     n, t = 32, 9
     ids = torch.randint(3, len(tokenizer), (n, t))
@@ -82,7 +83,7 @@ def test_gradient_accumulation_equals_one_batch(tokenizer):
         cfg = OmegaConf.create({"loss": {"name": "dpo", "beta": 0.1, "reference_free": False}, "optimizer": "SGD", "lr": 1.0,
                                 "warmup_steps": 0, "gradient_accumulation_steps": steps, "max_grad_norm": 1e9,
                                 "train_dropout": False, "do_first_eval": False, "eval_every": 100, "online": False})
-        trainer = BasicTrainer(policy, Reference(policy, reference), tokenizer, cfg, "/tmp", None, [], None, "cpu")
+        trainer = BasicTrainer(policy, Reference(policy, reference), tokenizer, cfg, "/tmp", None, None, None, "cpu")
         trainer.train_step(dict(batch))
         updates.append(torch.cat([p.detach().flatten() for p in policy.parameters()]) - before)
     assert updates[0].abs().max() > 0

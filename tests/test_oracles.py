@@ -1,23 +1,21 @@
 """Oracles: LLM judge against a loopback OpenAI-compatible server, rule judges, ledger and budget."""
 import asyncio
-import csv
 import json
-import math
 import os
+import re
 import threading
 import time
 
 import pytest
 
 import oracles
-from oracles import (DatasetOracle, HaikuJudge, JeopardyJudge, Judgment, Ledger, OpenAIJudge, Query, build_oracle,
-                     compare_haikus, count_syllables, haiku_lines, haiku_metrics, haiku_score, haiku_syllables,
-                     is_strict_haiku, jeopardy_grade, jeopardy_metrics, judge_with_budget, ledger_key,
-                     normalize_answer)
-from tests.chat_server import Behaviour, ChatServer, shown_responses
+from llm_judge import OpenAIJudge
+from oracles import (LEDGER_FILENAME, ORACLE_NAMES, HaikuJudge, JeopardyJudge, Judgment, Ledger, Query, build_oracle,
+                     judge_with_budget, ledger_key)
+from task_rules import compare_haikus
+from tests.chat_server import Behaviour, ChatServer, prefer_longer, shown_responses
 from utils import ConfigError
 
-HAIKU_CSV = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "haiku_test.csv")
 KEY_ENV = "ORACLE_TEST_KEY"
 
 
@@ -168,7 +166,7 @@ def test_ledger_gets_each_verdict_as_it_arrives(server, api_key, tmp_path):
 
 def test_budget_is_hard_and_counts_the_ledger(server, api_key, tmp_path):
     queries = length_queries(8)
-    results = judge_with_budget(make_judge(server), queries, None, max_queries=5)
+    results = judge_with_budget(make_judge(server), queries, Ledger(None), max_queries=5)
     assert server.stats.count == 5
     assert sum(j.winner is not None for j in results) == 5
     assert [j.error for j in results[5:]] == ["budget"] * 3
@@ -183,11 +181,13 @@ def test_budget_is_hard_and_counts_the_ledger(server, api_key, tmp_path):
     assert sum(j.error == "budget" for j in results) == 6
 
 
-def test_budget_without_ledger_accumulates_across_calls():
-    judge = JeopardyJudge()
-    qs = [Query(f"clue {i}", "Cobb", "", reference="(Ty) Cobb") for i in range(4)]
-    assert [j.winner for j in judge_with_budget(judge, qs[:3], None, 5)] == ["A"] * 3
-    assert [j.error for j in judge_with_budget(judge, qs, None, 5)] == [None, None, "budget", "budget"]
+def test_budget_with_an_in_memory_ledger_accumulates_across_calls():
+    judge, ledger = JeopardyJudge(), Ledger(None)
+    qs = [Query(f"clue {i}", "Cobb", "", reference="(Ty) Cobb") for i in range(6)]
+    assert [j.winner for j in judge_with_budget(judge, qs[:3], ledger, 5)] == ["A"] * 3
+    results = judge_with_budget(judge, qs, ledger, 5)  # the first three are known: free; two more fit the budget
+    assert [j.cached for j in results[:3]] == [True] * 3
+    assert [j.error for j in results] == [None] * 5 + ["budget"] and ledger.n_paid == 5
 
 
 def test_repeats_within_a_batch_are_paid_once(tmp_path):
@@ -203,19 +203,21 @@ def test_missing_api_key_is_a_one_line_config_error(monkeypatch):
     with pytest.raises(ConfigError) as info:
         build_oracle({"name": "openai", "api_key_env": KEY_ENV}, "hh", seed=0)
     assert KEY_ENV in str(info.value) and "\n" not in str(info.value)
+    assert "(oracle=haiku|jeopardy)" in str(info.value)
 
 
 def test_build_oracle_names_and_errors(monkeypatch, api_key):
-    with pytest.raises(ConfigError, match=r"oracle\.name.*openai, haiku, jeopardy, dataset, auto"):
+    with pytest.raises(ConfigError, match=r"oracle\.name.*openai, haiku, jeopardy, auto; got 'gpt'"):
         build_oracle({"name": "gpt"}, "hh", 0)
+    with pytest.raises(ConfigError, match=r"oracle\.name"):
+        build_oracle({"name": "dataset"}, "hh", 0)  # removed: offline methods read their labels from the data
     with pytest.raises(ConfigError, match=r"oracle\.max_concurrency"):
         build_oracle({"name": "openai", "api_key_env": KEY_ENV, "max_concurrency": 0}, "hh", 0)
     with pytest.raises(ConfigError, match=r"oracle\.max_queries"):
-        build_oracle({"name": "dataset", "max_queries": -1}, "hh", 0)
+        build_oracle({"name": "jeopardy", "max_queries": -1}, "hh", 0)
     assert isinstance(build_oracle({"name": "auto"}, "haikus", 0), HaikuJudge)
     assert isinstance(build_oracle({"name": "auto"}, "jeopardy", 0), JeopardyJudge)
     assert isinstance(build_oracle({"name": "auto", "api_key_env": KEY_ENV}, "shp", 0), OpenAIJudge)
-    assert isinstance(build_oracle({"name": "dataset"}, "hh", 0), DatasetOracle)
     haiku = build_oracle({"name": "haiku", "tie_breaker": {"model": "m", "api_key_env": KEY_ENV}}, "haikus", 0)
     assert haiku.name == "haiku-rule+openai:m"
     assert "sk-test" not in repr(haiku.tie_breaker)
@@ -224,7 +226,8 @@ def test_build_oracle_names_and_errors(monkeypatch, api_key):
 def test_config_files_build(api_key):
     from omegaconf import OmegaConf
     config_dir = os.path.join(os.path.dirname(__file__), "..", "config", "oracle")
-    for name in ("openai", "haiku", "jeopardy", "dataset", "auto"):
+    assert sorted(os.listdir(config_dir)) == sorted(f"{name}.yaml" for name in ORACLE_NAMES)
+    for name in ORACLE_NAMES:
         cfg = OmegaConf.load(os.path.join(config_dir, f"{name}.yaml"))
         assert cfg.name == name and cfg.max_queries is None
         if "api_key_env" in cfg:
@@ -233,49 +236,6 @@ def test_config_files_build(api_key):
 
 
 # ------------------------------------------------------------------ haiku rule
-
-def test_syllables_dictionary_and_fallback():
-    assert count_syllables("fire") == 2  # max over pronunciations (F AY1 ER0 vs F AY1 R)
-    assert count_syllables("Caterpillar,") == 4
-    assert count_syllables("mother's") == 2
-    assert count_syllables("blorptastic") == 3  # unknown word: vowel groups
-    assert count_syllables("snorkelate") == 3  # silent final e
-    assert count_syllables("1984") == 4 and count_syllables("") == 0
-
-
-def test_real_haikus_from_the_dataset():
-    if not os.path.exists(HAIKU_CSV):
-        pytest.skip("shared haiku_test.csv not present")
-    rows = {r["__hf_index_id"]: r for r in csv.DictReader(open(HAIKU_CSV, newline=""))}
-    for row_id in ("14729", "5146", "32491"):  # counted by hand: 5-7-5
-        text, keywords = rows[row_id]["text"], rows[row_id]["keywords"].split()
-        assert haiku_syllables(text) == [5, 7, 5]
-        assert is_strict_haiku(text, keywords)
-
-
-def test_haiku_near_misses():
-    good = "An old silent pond\nA frog jumps into the pond\nSplash! Silence again"
-    assert haiku_syllables(good) == [5, 7, 5]
-    six = "An old silent pond too\nA frog jumps into the pond\nSplash! Silence again"
-    assert compare_haikus(six, good, ["frog"]) == "B"
-    assert compare_haikus(good, "An old silent pond\nA frog jumps into the pond", ["frog"]) == "A"
-    assert is_strict_haiku("\n\n" + good + "\n\n", ["frog"]) and haiku_lines(good + "\n") == good.split("\n")
-    assert not is_strict_haiku(good, ["toad"])
-    assert haiku_score(good, ["frog", "toad"]) == (False, True, 0, 1)
-    # one line: distance counts the missing lines; four lines: the extra line's syllables count
-    assert haiku_score("an old silent pond", [])[1:3] == (False, -12)
-    assert haiku_score(good + "\nagain", [])[1:3] == (False, -2)
-    blorp = "A blorptastic pond\nA frog jumps into the pond\nSplash! Silence again"
-    assert haiku_syllables(blorp)[0] == 5  # unknown word counted by the fallback
-
-
-def test_keywords_break_distance_ties_and_match_whole_words():
-    a = "Cold rain on the roof\nThe frog sings to the gray sky\nSpring comes slowly here"
-    b = "Cold rain on the roof\nThe dog sings to the gray sky\nSpring comes slowly here"
-    assert compare_haikus(a, b, ["frog", "spring rain"]) == "A"  # neither is strict; one keyword vs none
-    assert haiku_score(a, ["rain on"])[3] == 1 and haiku_score(a, ["rai"])[3] == 0
-    assert haiku_score("FROGS\nfrog\nx", ["Frog"])[3] == 1
-
 
 def test_exact_tie_seeded_coin_and_tie_breaker(server, api_key):
     tie = Query("write a haiku", "one two three\nfour", "five six eight\nnine", keywords=["ten"])
@@ -292,90 +252,98 @@ def test_exact_tie_seeded_coin_and_tie_breaker(server, api_key):
     assert results[1].winner == "B" and results[1].judge == judge.name  # prefer_longer: "five six eight\nnine"
 
 
-def test_haiku_metrics():
-    good = "An old silent pond\nA frog jumps into the pond\nSplash! Silence again"
-    m = haiku_metrics([good, "one line only", good], [["frog"], ["frog", "line"], []])
-    assert m["strict_valid_rate"] == pytest.approx(2 / 3)
-    assert m["three_line_rate"] == pytest.approx(2 / 3)
-    assert m["mean_syllable_distance"] == pytest.approx((0 + (1 + 7 + 5) + 0) / 3)
-    assert m["keyword_inclusion_rate"] == pytest.approx((1 + 0.5 + 1) / 3)
-    assert math.isnan(haiku_metrics([], [])["strict_valid_rate"])
-    with pytest.raises(ValueError):
-        haiku_metrics([good], [])
-
-
 # ------------------------------------------------------------------ jeopardy rule
 
-def test_normalize_answer():
-    assert normalize_answer("  The <i>Beatles</i>!! ") == "beatles"
-    assert normalize_answer("U.S.A. & Canada") == "usa and canada"
-    assert normalize_answer("Café  Society") == "cafe society"
-    assert normalize_answer("an apple a day") == "apple a day"
-    assert normalize_answer("The") == "the"
-
-
-@pytest.mark.parametrize("response,correct,grade", [
-    ("copernicus", "Copernicus", "correct"),
-    ("Who is Copernicus?", "Copernicus", "correct"),
-    ("the Beatles", "Beatles", "correct"),
-    ("Beatles", "The Beatles", "correct"),
-    ("Cobb", "(Ty) Cobb", "correct"),
-    ("Ty Cobb", "(Ty) Cobb", "correct"),
-    ("Ty", "(Ty) Cobb", "wrong"),
-    ("Sri Lanka", "Ceylon (or Sri Lanka)", "correct"),
-    ("Ceylon", "Ceylon (or Sri Lanka)", "correct"),
-    ("liberty", "life (or liberty or property)", "correct"),
-    ("Myanmar", "Myanmar (Burma)", "correct"),
-    ("party", "art", "wrong"),
-    ("Art Garfunkel", "(Art) Garfunkel", "correct"),
-    ("", "Copernicus", "abstain"),
-    ("   \n", "Copernicus", "abstain"),
-    ("Galileo", "Copernicus", "wrong"),
-])
-def test_jeopardy_grade(response, correct, grade):
-    assert jeopardy_grade(response, correct) == grade
-
-
-def test_jeopardy_judge_and_metrics():
+def test_jeopardy_judge():
     judge = JeopardyJudge()
     qs = [Query("c", "", "Galileo", reference="Copernicus"), Query("c", "Galileo", "Copernicus", reference="Copernicus"),
           Query("c", "Kepler", "Galileo", reference="Copernicus"), Query("c", "x", "y", reference=None)]
     results = judge.judge_many(qs)
     assert [j.winner for j in results] == ["A", "B", None, None]
     assert results[2].error == "tie" and "reference" in results[3].error
-    m = jeopardy_metrics(["Copernicus", "", "Kepler", "copernicus!"], ["Copernicus"] * 4)
-    assert m == {"correct_rate": 0.5, "abstain_rate": 0.25, "wrong_rate": 0.25}
 
 
-# ------------------------------------------------------------------ dataset oracle and ledger
-
-def test_dataset_oracle():
-    results = DatasetOracle().judge_many([Query("p", "good", "bad", reference="good"), Query("p", "bad", "good", reference="good"),
-                                          Query("p", "x", "y", reference="good"), Query("p", "x", "x", reference="x")])
-    assert [j.winner for j in results] == ["A", "B", None, None]
-    assert all(j.error for j in results[2:])
+# ------------------------------------------------------------------ ledger
 
 
 def test_ledger_tolerates_a_torn_last_line(tmp_path):
     path = str(tmp_path / "run" / "oracle_ledger.jsonl")
     ledger = Ledger(path)
     q1, q2 = Query("p1", "a", "b"), Query("p2", "a", "b")
-    ledger.record(q1, Judgment(winner="B", judge="dataset", shown_first="B", latency_s=0.5, tokens=9))
-    ledger.record(q2, Judgment(winner=None, judge="dataset", error="boom"))
+    ledger.record(q1, Judgment(winner="B", judge="some-judge", shown_first="B", latency_s=0.5, tokens=9))
+    ledger.record(q2, Judgment(winner=None, judge="some-judge", error="boom"))
     with open(path, "a") as f:
         f.write('{"key": "abc", "winner": "A", "jud')  # killed mid-write
     reopened = Ledger(path)
     assert reopened.n_paid == 2
-    hit = reopened.lookup("dataset", q1)
+    hit = reopened.lookup("some-judge", q1)
     assert hit.winner == "B" and hit.cached and hit.shown_first == "B"
-    assert reopened.lookup("dataset", q2) is None  # failures are re-asked
+    assert reopened.lookup("some-judge", q2) is None  # failures are re-asked
     assert reopened.lookup("other-judge", q1) is None
-    reopened.record(q2, Judgment(winner="A", judge="dataset"))
-    assert Ledger(path).lookup("dataset", q2).winner == "A"
+    reopened.record(q2, Judgment(winner="A", judge="some-judge"))
+    assert Ledger(path).lookup("some-judge", q2).winner == "A"
 
 
-def test_haiku_keyword_list_is_in_the_dictionary():
-    path = os.path.join(os.path.dirname(__file__), "..", "data", "haiku_keywords.txt")
-    words = [w.strip() for w in open(path) if w.strip()]
-    assert len(words) >= 250 and len(set(words)) == len(words)
-    assert all(w in oracles._cmu() for w in words)
+def test_ledger_shown_first_is_the_order_the_judge_saw(server, api_key, tmp_path):
+    requests = {}  # prompt -> the messages of every request the server received for it
+
+    def policy(messages):
+        prompt = re.search(r"<prompt>\n(.*?)\n</prompt>", messages[-1]["content"], re.S).group(1)
+        requests.setdefault(prompt, []).append(messages)
+        return prefer_longer(messages)
+
+    server.set_behaviour(Behaviour(policy=policy))
+    path = str(tmp_path / LEDGER_FILENAME)
+    judge_with_budget(make_judge(server), length_queries(20), Ledger(path))
+    records = [json.loads(line) for line in open(path)]
+    assert len(records) == 20 and {r["shown_first"] for r in records} == {"A", "B"}
+    for r in records:
+        [messages] = requests[r["prompt"]]
+        first_text = shown_responses(messages)["A"]  # the judge sees the first response under <response_a>
+        assert first_text == (r["response_a"] if r["shown_first"] == "A" else r["response_b"]), r["prompt"]
+
+
+def test_each_recorded_ledger_line_is_fsynced_on_the_ledger_file(tmp_path, monkeypatch):
+    path = str(tmp_path / LEDGER_FILENAME)
+    ledger = Ledger(path)
+    real_fsync = os.fsync
+    calls = []  # per fsync: (whether the descriptor is the ledger file, lines in the file at that moment)
+
+    def recording_fsync(fd):
+        real_fsync(fd)
+        with open(path) as f:
+            calls.append((os.path.samestat(os.fstat(fd), os.stat(path)), len(f.readlines())))
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    clue = Query("clue", "Cobb", "", reference="(Ty) Cobb")
+    queries = [Query(f"clue {i}", "Cobb", "", reference="(Ty) Cobb") for i in range(3)]
+    queries += [Query("no answer", "Cobb", "", reference=None), clue, clue,
+                Query("over budget", "x", "y", reference="y")]
+    results = judge_with_budget(JeopardyJudge(), queries, ledger, max_queries=5)
+    # recorded: 3 verdicts, 1 failure, the first `clue`; not recorded: its repeat and the query over budget
+    assert [j.error for j in results][3:] == ["no correct answer in Query.reference", None, None, "budget"]
+    assert calls == [(True, n) for n in range(1, 6)]
+
+
+def test_budget_counts_the_ledger_only(tmp_path, monkeypatch):
+    def clues(tag, n):
+        return [Query(f"{tag} {i}", "Cobb", "", reference="(Ty) Cobb") for i in range(n)]
+
+    n = 3
+    path = str(tmp_path / LEDGER_FILENAME)
+    judge_with_budget(JeopardyJudge(), clues("earlier", n), Ledger(path))
+    reopened = Ledger(path)
+    assert reopened.n_paid == n
+    # a fresh judge and a ledger read from disk: only the ledger knows what was paid
+    results = judge_with_budget(JeopardyJudge(), clues("new", 3), reopened, max_queries=n + 1)
+    assert [j.error for j in results] == [None, "budget", "budget"]
+    assert len(open(path).readlines()) == n + 1
+
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    in_memory = Ledger(None)
+    judge_with_budget(JeopardyJudge(), clues("earlier", n), in_memory)
+    results = judge_with_budget(JeopardyJudge(), clues("new", 3), in_memory, max_queries=n + 1)
+    assert [j.error for j in results] == [None, "budget", "budget"]
+    assert in_memory.n_paid == n + 1 and list(cwd.iterdir()) == []  # counted, nothing written

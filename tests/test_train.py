@@ -60,7 +60,7 @@ def test_dpo_raises_reward_accuracy_on_its_training_pairs(tmp_path, pairs):
     from preference_datasets import iterate_elements
     from trainers import concatenated_inputs, preference_loss
     from scoring import response_logps
-    from train import load_model, load_tokenizer
+    from models import load_model, load_tokenizer
     from preference_datasets import collate
     overrides = tiny_overrides(tmp_path, f"datasets=[{pairs}]", "loss=dpo", "exp_name=dpo", "batch_size=8", "n_epochs=3")
     summary = run(compose_config(overrides))
@@ -83,7 +83,7 @@ def test_dpo_raises_reward_accuracy_on_its_training_pairs(tmp_path, pairs):
 
 
 def test_checkpoint_round_trip_gives_identical_log_probs(tmp_path, pairs):
-    from train import load_model, load_tokenizer
+    from models import load_model, load_tokenizer
     from scoring import response_logps
     overrides = tiny_overrides(tmp_path, f"datasets=[{pairs}]", "loss=sft", "exp_name=sft", "batch_size=8", "n_examples=16")
     summary = run(compose_config(overrides))
@@ -100,7 +100,7 @@ def test_checkpoint_round_trip_gives_identical_log_probs(tmp_path, pairs):
 
 
 def test_archive_from_another_model_is_one_clear_line(tmp_path, pairs):
-    from train import load_model, load_tokenizer
+    from models import load_model, load_tokenizer
     overrides = tiny_overrides(tmp_path, f"datasets=[{pairs}]", "loss=sft", "exp_name=sft", "batch_size=8", "n_examples=8")
     summary = run(compose_config(overrides))
     bigger = overrides + [f"model.archive={summary['checkpoint']}", "model.architecture.hidden_size=64",
@@ -347,8 +347,8 @@ def test_reference_logps_from_selection_equal_a_fresh_reference_pass(tmp_path, p
     """The DPO step reuses the reference log-probs computed while scoring the pool; they must be the
     chosen/rejected ones of each selected pair (the scoring order is not the label order)."""
     import data_selection
-    from train import load_model, load_tokenizer
-    from trainers import Reference
+    from models import load_model, load_tokenizer
+    from scoring import Reference
     config = compose_config(tiny_overrides(tmp_path, f"datasets=[{pairs}]", "loss=dpo", "exp_name=x", "active=true",
                                            "selection_strategy=ae", "batch_size=4", "selection_ratio=3", "n_examples=8"))
     from train import check_config
@@ -366,14 +366,15 @@ def test_reference_logps_from_selection_equal_a_fresh_reference_pass(tmp_path, p
             assert torch.allclose(batch[f"reference_{side}_logps"], fresh, atol=1e-4)
 
 
-def test_online_borda_reuses_reference_logps_only_when_tokens_match(tmp_path, monkeypatch):
-    """Each Borda batch carries the reference log-probs of exactly its chosen/rejected tokens."""
+def test_online_borda_batches_carry_the_reference_logps_of_their_tokens(tmp_path, monkeypatch):
+    """Each candidate is tokenised once, so every Borda batch carries the reference log-probs of
+    exactly its chosen/rejected tokens, scored during selection."""
     from trainers import BasicTrainer
     checked = []
     original = BasicTrainer.batch_metrics
 
     def check(self, batch, train):
-        if train and "reference_chosen_logps" in batch:
+        if train:
             for side in ("chosen", "rejected"):
                 fresh = self.reference.logps(batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"], batch[f"{side}_labels"])
                 assert torch.allclose(batch[f"reference_{side}_logps"], fresh, atol=1e-4)
@@ -388,16 +389,35 @@ def test_online_borda_reuses_reference_logps_only_when_tokens_match(tmp_path, mo
     assert len(checked) == 3
 
 
-def test_reuse_scored_reference_falls_back_when_tokens_differ():
-    from data_selection import reuse_scored_reference
-    same = {"chosen_input_ids": [1, 2], "rejected_input_ids": [1, 3], "scored": (([1, 2], -1.0), ([1, 3], -2.0))}
-    other = {"chosen_input_ids": [1, 2], "rejected_input_ids": [1, 3], "scored": (([9, 2], -1.0), ([1, 3], -2.0))}
-    elements = [dict(same)]
-    reuse_scored_reference(elements)
-    assert elements[0]["reference_chosen_logps"] == -1.0 and "scored" not in elements[0]
-    elements = [dict(same), dict(other)]
-    reuse_scored_reference(elements)
-    assert all("reference_chosen_logps" not in e and "scored" not in e for e in elements)
+@pytest.mark.parametrize("strategy", ["uniref", "borda"])
+def test_generation_scoring_and_training_share_one_prompt_context(tmp_path, monkeypatch, strategy):
+    """A prompt longer than max_prompt_length is cut once: the tokens the policy generated from are
+    the prompt tokens of the pair it is trained on (and, for Borda, scored on)."""
+    import data_selection
+    from trainers import BasicTrainer
+    generated_from, trained_on = set(), []
+    original_sample, original_metrics = data_selection.sample_responses, BasicTrainer.batch_metrics
+
+    def sample(model, tokenizer, prompt_ids, *args, **kwargs):
+        generated_from.update(tuple(p) for p in prompt_ids)
+        return original_sample(model, tokenizer, prompt_ids, *args, **kwargs)
+
+    def metrics(self, batch, train):
+        if train:
+            for ids, labels in zip(batch["chosen_input_ids"].tolist(), batch["chosen_labels"].tolist()):
+                trained_on.append(tuple(i for i, label in zip(ids, labels) if label == -100 and i != self.tokenizer.pad_token_id))
+        return original_metrics(self, batch, train)
+
+    monkeypatch.setattr(data_selection, "sample_responses", sample)
+    monkeypatch.setattr(BasicTrainer, "batch_metrics", metrics)
+    ratio = "selection_ratio=1" if strategy == "uniref" else "selection_ratio=2"
+    run(compose_config(tiny_overrides(
+        tmp_path, "datasets=[haikus]", f"dataset_files.haikus={ROOT}/data/haiku_keywords.txt", "loss=dpo",
+        "exp_name=ctx", "online=true", f"selection_strategy={strategy}", "oracle=haiku", "batch_size=3", ratio,
+        "num_action_samples=2", "n_examples=6", "generation.max_new_tokens=30", "max_prompt_length=12",
+        "max_length=40", "do_first_eval=false", "n_eval_model_samples=1")))
+    assert trained_on and all(len(p) == 12 for p in trained_on)   # every haiku prompt is longer than 12 tokens
+    assert set(trained_on) <= generated_from
 
 
 def test_chat_template_truncation_keeps_the_assistant_header(tokenizer):
@@ -417,7 +437,7 @@ def test_chat_template_truncation_keeps_the_assistant_header(tokenizer):
 
 
 def test_eval_scores_held_out_pairs_with_the_reference_once(tmp_path, pairs, monkeypatch):
-    from trainers import Reference
+    from scoring import Reference
     calls = []
     original = Reference.logps
 

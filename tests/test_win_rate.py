@@ -4,8 +4,9 @@ import math
 
 import pytest
 
-from oracles import (EVAL_LEDGER_FILENAME, LEDGER_FILENAME, HaikuJudge, JeopardyJudge, Judgment, Ledger, OpenAIJudge,
-                     Query, aggregate_win_rate, evaluate_win_rate, judge_with_budget, win_rate_queries)
+from llm_judge import OpenAIJudge
+from oracles import (EVAL_LEDGER_FILENAME, LEDGER_FILENAME, HaikuJudge, JeopardyJudge, Judgment, Ledger, Query,
+                     aggregate_win_rate, evaluate_win_rate, judge_with_budget, win_rate_queries)
 from tests.chat_server import Behaviour, ChatServer
 
 KEY_ENV = "WIN_RATE_TEST_KEY"

@@ -1,0 +1,144 @@
+"""Evaluation at every `eval_every` labels: held-out DPO loss and reward accuracy, greedy answers on
+held-out prompts with their task metrics (Jeopardy grades, haiku rules), the win rate of those
+answers against the reference policy's, and a table of samples.
+
+`build_evaluator` makes it from the config in train.py; the trainer calls `evaluator(trainer)`
+and logs what it returns.
+"""
+import itertools
+import os
+from collections import defaultdict
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from data_selection import PromptTokens, data_kwargs, prompt_tokens, sample_responses
+from oracles import EVAL_LEDGER_FILENAME, Ledger, evaluate_win_rate
+from preference_datasets import collate, iterate_elements, iterate_prompts
+from task_rules import haiku_metrics, jeopardy_metrics
+from trainers import concatenated_inputs
+from utils import append_jsonl
+
+
+def task_metrics(records: List[Tuple[str, str, object]], texts: List[str]) -> Dict[str, float]:
+    """Per-dataset metrics of generated answers. records: (dataset, prompt, PromptData) per text."""
+    out = {}
+    by_name = defaultdict(list)
+    for (name, _, data), text in zip(records, texts):
+        by_name[name].append((data, text))
+    for name, items in by_name.items():
+        if name == "haikus":
+            out.update({f"haiku/{k}": v for k, v in haiku_metrics([t for _, t in items], [d.keywords for d, _ in items]).items()})
+        elif name == "jeopardy":
+            out.update({f"jeopardy/{k}": v for k, v in jeopardy_metrics([t for _, t in items], [d.reference for d, _ in items]).items()})
+    return out
+
+
+def held_out_batches(config, tokenizer) -> List[Dict]:
+    """Held-out batches (one pass over the test split, at most n_eval_examples) for the loss/reward
+    metrics; empty for data without pairs in DPO mode."""
+    sft_mode = config.loss.name == "sft" or (config.online and config.online_loss == "sft_winner")
+    elements = list(itertools.islice(iterate_elements(list(config.datasets), tokenizer, "test", shuffle=False, sft_mode=sft_mode,
+                                                      n_epochs=1, silent=True, **data_kwargs(config, tokenizer)),
+                                     int(config.n_eval_examples)))
+    size = int(config.eval_batch_size)
+    return [collate(elements[i:i + size], tokenizer.pad_token_id) for i in range(0, len(elements), size)]
+
+
+class EvalAnswers:
+    """Greedy answers of the policy on held-out prompts: task metrics, the win rate against the
+    reference policy's answers judged by `judge` (its own ledger, outside the label budget), and with
+    `table` a table of samples (wandb + <run_dir>/samples.jsonl).
+
+    The reference's answers are generated once (it never changes); at step 0 the policy is the
+    reference (a fresh LoRA adapter adds exactly zero; a full copy loads the same weights in the same
+    dtype), so its answers serve for both."""
+
+    def __init__(self, records, prompt_ids: List[List[int]], tokenizer, config, device, reference, judge,
+                 ledger: Optional[Ledger], table: bool):
+        self.records, self.prompt_ids, self.tokenizer = records, prompt_ids, tokenizer
+        self.config, self.device, self.reference, self.judge, self.ledger, self.table = config, device, reference, judge, ledger, table
+        self.greedy = OmegaConf.create({"temperature": 0.0, "top_p": 1.0, "max_new_tokens": config.generation.max_new_tokens})
+        self.reference_texts: List[str] = []
+        self.reference_is_policy_at_start = reference is not None and (
+            reference.model is None or config.model.policy_dtype == config.model.reference_dtype)
+
+    def answers(self, model, who: str) -> List[str]:
+        size = int(self.config.eval_batch_size)
+        texts = []
+        for start in tqdm(range(0, len(self.prompt_ids), size), desc=f"eval: {who} answers", unit="batch", leave=False):
+            texts.extend(t[0] for t in sample_responses(model, self.tokenizer, self.prompt_ids[start:start + size], 1,
+                                                        self.greedy, self.device))
+        return texts
+
+    def __call__(self, trainer) -> Dict[str, float]:
+        texts = self.answers(trainer.policy, "policy")
+        metrics = task_metrics(self.records, texts)
+        if self.judge is not None:
+            if not self.reference_texts:
+                if trainer.step == 0 and self.reference_is_policy_at_start:
+                    self.reference_texts.extend(texts)
+                else:
+                    with self.reference.active() as model:
+                        self.reference_texts.extend(self.answers(model, "reference"))
+            result = evaluate_win_rate(self.judge, self.ledger, [p for _, p, _ in self.records], texts, self.reference_texts,
+                                       [d.reference for _, _, d in self.records], [d.keywords for _, _, d in self.records])
+            metrics.update({f"win_rate/{k}": float(v) for k, v in result.items()})
+        if self.table:
+            rows = [[name, prompt, text] for (name, prompt, _), text in zip(self.records, texts)]
+            trainer.logger.table("samples", ["dataset", "prompt", "policy"], rows, step=trainer.example_counter)
+            for row in rows:
+                append_jsonl(os.path.join(trainer.run_dir, "samples.jsonl"),
+                             {"labels": trainer.example_counter, "dataset": row[0], "prompt": row[1], "policy": row[2]})
+        return metrics
+
+
+class Evaluator:
+    """Held-out loss/accuracy (the reference scores each held-out batch once, at the first eval) and,
+    if configured, EvalAnswers. `evaluator(trainer)` -> metrics."""
+
+    def __init__(self, batches: List[Dict], reference, device, answers: Optional[EvalAnswers] = None):
+        self.batches, self.reference, self.device, self.answers = batches, reference, device, answers
+
+    def attach_reference_logps(self, batch: Dict) -> None:
+        if self.reference is None or "reference_chosen_logps" in batch or "rejected_input_ids" not in batch:
+            return
+        concat = {k: v.to(self.device) for k, v in concatenated_inputs(batch).items()}
+        logps = self.reference.logps(concat["input_ids"], concat["attention_mask"], concat["labels"]).cpu()
+        n = batch["chosen_input_ids"].shape[0]
+        batch["reference_chosen_logps"], batch["reference_rejected_logps"] = logps[:n], logps[n:]
+
+    @torch.no_grad()
+    def __call__(self, trainer) -> Dict[str, float]:
+        trainer.policy.eval()
+        collected = defaultdict(list)
+        for batch in tqdm(self.batches, desc="eval: held-out pairs", unit="batch", leave=False):
+            self.attach_reference_logps(batch)
+            moved = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            _, metrics = trainer.batch_metrics(moved, train=False)
+            for k, v in metrics.items():
+                collected[k].append(v.float().cpu())
+        results = {k: torch.cat(v).mean().item() for k, v in collected.items()}
+        if self.answers is not None:
+            results.update(self.answers(trainer))
+        return results
+
+
+def build_evaluator(config, tokenizer, device, reference, run_dir: str, judge=None) -> Evaluator:
+    """The run's evaluator. Greedy answers on `n_eval_model_samples` held-out prompts are produced
+    when something reads them: a task with metrics (haikus, jeopardy), a judge for the win rate
+    (which needs a reference that can answer), or sample_during_eval."""
+    names = list(config.datasets)
+    judge = judge if reference is not None and reference.can_generate else None
+    answers = None
+    if config.sample_during_eval or judge is not None or {"haikus", "jeopardy"} & set(names):
+        tokens: PromptTokens = prompt_tokens(config, tokenizer)
+        records = list(itertools.islice(iterate_prompts(names, "test", seed=int(config.seed), split_seed=int(config.split_seed),
+                                                        shuffle=False, data_files=dict(config.dataset_files),
+                                                        cache_dir=config.cache_dir), int(config.n_eval_model_samples)))
+        ledger = Ledger(os.path.join(run_dir, EVAL_LEDGER_FILENAME)) if judge is not None else None
+        answers = EvalAnswers(records, [tokens.prompt(name, prompt) for name, prompt, _ in records], tokenizer, config,
+                              device, reference, judge, ledger, table=bool(config.sample_during_eval))
+    return Evaluator(held_out_batches(config, tokenizer), reference, device, answers)
