@@ -5,17 +5,19 @@ answers against the reference policy's, and a table of samples.
 `build_evaluator` makes it from the config in train.py; the trainer calls `evaluator(trainer)`
 and logs what it returns.
 """
+import dataclasses
 import itertools
 import os
 from collections import defaultdict
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from data_selection import PromptTokens, data_kwargs, prompt_tokens, sample_responses
-from oracles import EVAL_LEDGER_FILENAME, Ledger, evaluate_win_rate
+from llm_judge import OpenAIJudge
+from oracles import LEDGER_FILENAME, HaikuJudge, Judgment, Ledger, Oracle, Query, judge_with_budget
 from preference_datasets import collate, iterate_elements, iterate_prompts
 from task_rules import haiku_metrics, jeopardy_metrics
 from trainers import concatenated_inputs
@@ -35,6 +37,112 @@ def task_metrics(records: List[Tuple[str, str, object]], texts: List[str]) -> Di
             out.update({f"jeopardy/{k}": v for k, v in jeopardy_metrics([t for _, t in items], [d.reference for d, _ in items]).items()})
     return out
 
+
+# ----------------------------------------------------------------------------------------------
+# Win rate against the reference policy
+
+EVAL_LEDGER_FILENAME = "eval_ledger.jsonl"
+
+
+def _order_sensitive(oracle: Oracle) -> bool:
+    """Whether the verdict can depend on which response is shown first: an LLM judge, or a haiku rule
+    judge that hands its exact ties to an LLM tie-breaker. The rule judges alone are order-invariant."""
+    return isinstance(oracle, OpenAIJudge) or (isinstance(oracle, HaikuJudge) and oracle.tie_breaker is not None)
+
+
+def win_rate_queries(prompts: Sequence[str], policy_texts: Sequence[str], reference_texts: Sequence[str],
+                     references: Optional[Sequence[Optional[str]]] = None,
+                     keywords: Optional[Sequence[Optional[List[str]]]] = None,
+                     both_orders: bool = False) -> List[Query]:
+    """Queries comparing the policy's answer with the reference policy's answer, one per prompt.
+
+    The first len(prompts) queries have response_a = policy, response_b = reference policy. With
+    `both_orders` the same prompts follow again with A and B swapped, so that an LLM judge's position
+    bias cancels (`aggregate_win_rate` expects exactly this layout). `references` (the per-prompt
+    reference answer: sft target / correct answer) and `keywords` are optional lists aligned with `prompts`.
+    """
+    n = len(prompts)
+    for name, values in (("policy_texts", policy_texts), ("reference_texts", reference_texts),
+                         ("references", references), ("keywords", keywords)):
+        if values is not None and len(values) != n:
+            raise ValueError(f"win_rate_queries: {n} prompts but {len(values)} {name}")
+    refs = list(references) if references is not None else [None] * n
+    kws = list(keywords) if keywords is not None else [None] * n
+    queries = [Query(prompt=p, response_a=a, response_b=b, reference=r, keywords=k)
+               for p, a, b, r, k in zip(prompts, policy_texts, reference_texts, refs, kws)]
+    if both_orders:
+        queries += [dataclasses.replace(q, response_a=q.response_b, response_b=q.response_a) for q in queries[:n]]
+    return queries
+
+
+def _policy_outcome(j: Judgment, policy_side: str) -> str:
+    """'win', 'loss', 'tie' or 'failed' for the policy, shown as `policy_side` ('A' or 'B') in this judgment.
+    A rule judge's exact tie is a tie, not a failure: JeopardyJudge reports it as error='tie', HaikuJudge
+    without tie-breaker as a coin flip (detail='coin'), whose random winner would only add noise here."""
+    if j.winner is None:
+        return "tie" if j.error == "tie" else "failed"
+    if j.detail == "coin":
+        return "tie"
+    return "win" if j.winner == policy_side else "loss"
+
+
+def aggregate_win_rate(judgments: List[Judgment], n_prompts: int, both_orders: bool) -> Dict[str, float]:
+    """Win rate of the policy over the reference policy from judgments laid out as by `win_rate_queries`.
+
+    Per prompt: with one order, the judgment's outcome; with both orders, win if the policy wins both,
+    loss if it loses both, tie otherwise (one each, or a tie in either order). A failed judgment in
+    either order makes the prompt failed: it is excluded from the rate, never guessed.
+    Returns win_rate = (wins + 0.5 * ties) / (n - failed) in [0, 1] (NaN when no prompt is valid),
+    and the counts wins, losses, ties, failed and n (= n_prompts).
+    """
+    orders = 2 if both_orders else 1
+    if len(judgments) != orders * n_prompts:
+        raise ValueError(f"aggregate_win_rate: expected {orders * n_prompts} judgments for {n_prompts} prompts "
+                         f"(both_orders={both_orders}), got {len(judgments)}")
+    counts = {"win": 0, "loss": 0, "tie": 0, "failed": 0}
+    for i in range(n_prompts):
+        outcomes = [_policy_outcome(judgments[i], "A")]
+        if both_orders:
+            outcomes.append(_policy_outcome(judgments[n_prompts + i], "B"))
+        if "failed" in outcomes:
+            counts["failed"] += 1
+        elif all(o == "win" for o in outcomes):
+            counts["win"] += 1
+        elif all(o == "loss" for o in outcomes):
+            counts["loss"] += 1
+        else:
+            counts["tie"] += 1
+    n_valid = n_prompts - counts["failed"]
+    rate = (counts["win"] + 0.5 * counts["tie"]) / n_valid if n_valid else float("nan")
+    return {"win_rate": rate, "wins": counts["win"], "losses": counts["loss"], "ties": counts["tie"],
+            "failed": counts["failed"], "n": n_prompts}
+
+
+def evaluate_win_rate(oracle: Oracle, ledger: Ledger, prompts: Sequence[str], policy_texts: Sequence[str],
+                      reference_texts: Sequence[str], references: Optional[Sequence[Optional[str]]] = None,
+                      keywords: Optional[Sequence[Optional[List[str]]]] = None) -> Dict[str, float]:
+    """Judge policy vs reference-policy answers and aggregate them (see `aggregate_win_rate`).
+
+    Both orders are asked when the judge is order-sensitive (`_order_sensitive`). `ledger` must be the
+    evaluation ledger (<run_dir>/`EVAL_LEDGER_FILENAME`, or an in-memory Ledger(None)), never the training
+    one, so evaluation neither spends nor reuses training labels; no budget applies. A pair of identical answers
+    (the policy before any training equals the reference) is a tie by definition and is not sent to the judge.
+    """
+    if ledger.path is not None and os.path.basename(ledger.path) == LEDGER_FILENAME:
+        raise ValueError(f"evaluate_win_rate: {ledger.path} is the training ledger; pass a separate "
+                         f"{EVAL_LEDGER_FILENAME} so evaluation does not spend the label budget")
+    both_orders = _order_sensitive(oracle)
+    queries = win_rate_queries(prompts, policy_texts, reference_texts, references, keywords, both_orders)
+    to_ask = [i for i, q in enumerate(queries) if q.response_a != q.response_b]
+    judgments = [Judgment(winner=None, judge=oracle.name, error="tie", detail="identical responses")] * len(queries)
+    asked = judge_with_budget(oracle, [queries[i] for i in to_ask], ledger, max_queries=None)
+    for i, j in zip(to_ask, asked):
+        judgments[i] = j
+    return aggregate_win_rate(judgments, len(prompts), both_orders)
+
+
+# ----------------------------------------------------------------------------------------------
+# The evaluator
 
 def held_out_batches(config, tokenizer) -> List[Dict]:
     """Held-out batches (one pass over the test split, at most n_eval_examples) for the loss/reward

@@ -4,7 +4,7 @@ The interface (`Query`, `Judgment`, `Oracle.judge_many`) has three implementatio
 Hydra group `oracle`: the LLM judge over any OpenAI-compatible endpoint (`llm_judge.OpenAIJudge`),
 and the rule judges for haikus and Jeopardy! defined here on top of `task_rules`.
 `judge_with_budget` puts a `Ledger` (the one count of paid queries) and a hard budget in front of
-any of them. The win-rate evaluation against the reference policy lives here too, for now.
+any of them.
 
 A failed judgment (winner None) is never a label: the caller drops and counts the pair.
 """
@@ -15,7 +15,7 @@ import os
 import random
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -149,7 +149,7 @@ def ledger_key(judge: str, q: Query) -> str:
 class Ledger:
     """The record of paid queries and the one count of them (`n_paid`) that budgets use.
 
-    With a path (<run_dir>/`LEDGER_FILENAME` for training, <run_dir>/`EVAL_LEDGER_FILENAME` for
+    With a path (<run_dir>/`LEDGER_FILENAME` for training, <run_dir>/`evaluation.EVAL_LEDGER_FILENAME` for
     evaluation) it is an append-only JSONL file, read back when opened: one line per paid query,
     fsynced when written, with prompt, both responses, shown order, winner, judge, latency (s), tokens,
     error and time (Unix s). With path None it lives in memory only (tests, scripts without a run
@@ -284,108 +284,3 @@ def build_oracle(cfg: Any, dataset_name: str, seed: int) -> Oracle:
             tie_breaker = build_openai_judge(tb, "oracle.tie_breaker", "haikus", seed)
         return HaikuJudge(seed=seed, tie_breaker=tie_breaker)
     return JeopardyJudge()
-
-
-# ---------------------------------------------------------------------------------------------
-# Win-rate evaluation
-# ---------------------------------------------------------------------------------------------
-
-EVAL_LEDGER_FILENAME = "eval_ledger.jsonl"
-
-
-def _order_sensitive(oracle: Oracle) -> bool:
-    """Whether the verdict can depend on which response is shown first: an LLM judge, or a haiku rule
-    judge that hands its exact ties to an LLM tie-breaker. The rule judges alone are order-invariant."""
-    from llm_judge import OpenAIJudge  # not at the top: llm_judge imports this module
-    return isinstance(oracle, OpenAIJudge) or (isinstance(oracle, HaikuJudge) and oracle.tie_breaker is not None)
-
-
-def win_rate_queries(prompts: Sequence[str], policy_texts: Sequence[str], reference_texts: Sequence[str],
-                     references: Optional[Sequence[Optional[str]]] = None,
-                     keywords: Optional[Sequence[Optional[List[str]]]] = None,
-                     both_orders: bool = False) -> List[Query]:
-    """Queries comparing the policy's answer with the reference policy's answer, one per prompt.
-
-    The first len(prompts) queries have response_a = policy, response_b = reference policy. With
-    `both_orders` the same prompts follow again with A and B swapped, so that an LLM judge's position
-    bias cancels (`aggregate_win_rate` expects exactly this layout). `references` (the per-prompt
-    reference answer: sft target / correct answer) and `keywords` are optional lists aligned with `prompts`.
-    """
-    n = len(prompts)
-    for name, values in (("policy_texts", policy_texts), ("reference_texts", reference_texts),
-                         ("references", references), ("keywords", keywords)):
-        if values is not None and len(values) != n:
-            raise ValueError(f"win_rate_queries: {n} prompts but {len(values)} {name}")
-    refs = list(references) if references is not None else [None] * n
-    kws = list(keywords) if keywords is not None else [None] * n
-    queries = [Query(prompt=p, response_a=a, response_b=b, reference=r, keywords=k)
-               for p, a, b, r, k in zip(prompts, policy_texts, reference_texts, refs, kws)]
-    if both_orders:
-        queries += [dataclasses.replace(q, response_a=q.response_b, response_b=q.response_a) for q in queries[:n]]
-    return queries
-
-
-def _policy_outcome(j: Judgment, policy_side: str) -> str:
-    """'win', 'loss', 'tie' or 'failed' for the policy, shown as `policy_side` ('A' or 'B') in this judgment.
-    A rule judge's exact tie is a tie, not a failure: JeopardyJudge reports it as error='tie', HaikuJudge
-    without tie-breaker as a coin flip (detail='coin'), whose random winner would only add noise here."""
-    if j.winner is None:
-        return "tie" if j.error == "tie" else "failed"
-    if j.detail == "coin":
-        return "tie"
-    return "win" if j.winner == policy_side else "loss"
-
-
-def aggregate_win_rate(judgments: List[Judgment], n_prompts: int, both_orders: bool) -> Dict[str, float]:
-    """Win rate of the policy over the reference policy from judgments laid out as by `win_rate_queries`.
-
-    Per prompt: with one order, the judgment's outcome; with both orders, win if the policy wins both,
-    loss if it loses both, tie otherwise (one each, or a tie in either order). A failed judgment in
-    either order makes the prompt failed: it is excluded from the rate, never guessed.
-    Returns win_rate = (wins + 0.5 * ties) / (n - failed) in [0, 1] (NaN when no prompt is valid),
-    and the counts wins, losses, ties, failed and n (= n_prompts).
-    """
-    orders = 2 if both_orders else 1
-    if len(judgments) != orders * n_prompts:
-        raise ValueError(f"aggregate_win_rate: expected {orders * n_prompts} judgments for {n_prompts} prompts "
-                         f"(both_orders={both_orders}), got {len(judgments)}")
-    counts = {"win": 0, "loss": 0, "tie": 0, "failed": 0}
-    for i in range(n_prompts):
-        outcomes = [_policy_outcome(judgments[i], "A")]
-        if both_orders:
-            outcomes.append(_policy_outcome(judgments[n_prompts + i], "B"))
-        if "failed" in outcomes:
-            counts["failed"] += 1
-        elif all(o == "win" for o in outcomes):
-            counts["win"] += 1
-        elif all(o == "loss" for o in outcomes):
-            counts["loss"] += 1
-        else:
-            counts["tie"] += 1
-    n_valid = n_prompts - counts["failed"]
-    rate = (counts["win"] + 0.5 * counts["tie"]) / n_valid if n_valid else float("nan")
-    return {"win_rate": rate, "wins": counts["win"], "losses": counts["loss"], "ties": counts["tie"],
-            "failed": counts["failed"], "n": n_prompts}
-
-
-def evaluate_win_rate(oracle: Oracle, ledger: Ledger, prompts: Sequence[str], policy_texts: Sequence[str],
-                      reference_texts: Sequence[str], references: Optional[Sequence[Optional[str]]] = None,
-                      keywords: Optional[Sequence[Optional[List[str]]]] = None) -> Dict[str, float]:
-    """Judge policy vs reference-policy answers and aggregate them (see `aggregate_win_rate`).
-
-    Both orders are asked when the judge is order-sensitive (`_order_sensitive`). `ledger` must be the
-    evaluation ledger (<run_dir>/`EVAL_LEDGER_FILENAME`, or an in-memory Ledger(None)), never the training
-    one, so evaluation neither spends nor reuses training labels; no budget applies. A pair of identical answers
-    (the policy before any training equals the reference) is a tie by definition and is not sent to the judge.
-    """
-    if ledger.path is not None and os.path.basename(ledger.path) == LEDGER_FILENAME:
-        raise ValueError(f"evaluate_win_rate: {ledger.path} is the training ledger; pass a separate "
-                         f"{EVAL_LEDGER_FILENAME} so evaluation does not spend the label budget")
-    both_orders = _order_sensitive(oracle)
-    queries = win_rate_queries(prompts, policy_texts, reference_texts, references, keywords, both_orders)
-    to_ask = [i for i, q in enumerate(queries) if q.response_a != q.response_b]
-    judgments = [Judgment(winner=None, judge=oracle.name, error="tie", detail="identical responses")] * len(queries)
-    asked = judge_with_budget(oracle, [queries[i] for i in to_ask], ledger, max_queries=None)
-    for i, j in zip(to_ask, asked):
-        judgments[i] = j
-    return aggregate_win_rate(judgments, len(prompts), both_orders)

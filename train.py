@@ -107,6 +107,9 @@ def resume_config(run_dir: str) -> DictConfig:
         raise ConfigError(f"resume={run_dir}: no config.yaml there (expected a run directory made by train.py)")
     config = OmegaConf.load(path)
     config.resume = run_dir
+    if "split_seed" not in config:  # runs from before split_seed split their data by seed
+        config.split_seed = config.seed
+        config.allow_archive_overlap = False
     return config
 
 

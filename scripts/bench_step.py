@@ -24,8 +24,8 @@ speed drifts over a process's first minutes; tokens/s is computed from the media
 TRL steps run inside TRL's own training loop, so our blocks run from its step-end callback.
 Target: ours / TRL >= 1.0 on both models.
 
-Needs TRL in the venv, for this benchmark only (not a project requirement):
-    .venv/bin/pip install --no-deps trl==1.16.0
+Needs TRL in the venv (requirements.txt pins it for this benchmark and the parity test):
+    .venv/bin/pip install trl==1.16.0
 Run (from the repository root):
     HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled .venv/bin/python scripts/bench_step.py --model tiny
     ... scripts/bench_step.py --model smollm2-135m --lora
@@ -53,7 +53,7 @@ WEIGHT_DECAY = 0.01  # torch.optim.AdamW's default, which our trainer uses
 def require_trl() -> None:
     if importlib.util.find_spec("trl") is None:
         print("error: trl is not installed; this benchmark compares against it: "
-              ".venv/bin/pip install --no-deps trl==1.16.0 (benchmark only, not a project requirement)", file=sys.stderr)
+              ".venv/bin/pip install trl==1.16.0 (in requirements.txt)", file=sys.stderr)
         sys.exit(2)
 
 

@@ -5,8 +5,8 @@ import math
 import pytest
 
 from llm_judge import OpenAIJudge
-from oracles import (EVAL_LEDGER_FILENAME, LEDGER_FILENAME, HaikuJudge, JeopardyJudge, Judgment, Ledger, Query,
-                     aggregate_win_rate, evaluate_win_rate, judge_with_budget, win_rate_queries)
+from evaluation import EVAL_LEDGER_FILENAME, aggregate_win_rate, evaluate_win_rate, win_rate_queries
+from oracles import LEDGER_FILENAME, HaikuJudge, JeopardyJudge, Judgment, Ledger, Query, judge_with_budget
 from tests.chat_server import Behaviour, ChatServer
 
 KEY_ENV = "WIN_RATE_TEST_KEY"
