@@ -5,9 +5,12 @@ checkpoint files (save, strict load).
 `build_models` is the whole recipe a run uses: tokenizer, policy, and its Reference (the policy's own
 base with adapters disabled under LoRA, never a second copy).
 """
+import contextlib
 import hashlib
 import importlib.util
+import logging
 import os
+import warnings
 from typing import List, Optional, Tuple
 
 import torch
@@ -16,6 +19,30 @@ from omegaconf import DictConfig
 from checkpoints import load_archive
 from scoring import Reference, calibrate_logit_transform
 from utils import ConfigError
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, start: str):
+        super().__init__()
+        self.start = start
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.start)
+
+
+# Importing bitsandbytes (peft does, on every LoRA run) on a CPU with AVX512-BF16 tries to fetch an
+# optional kernel from the hub and logs a warning when it cannot; the built-in kernel is used instead,
+# and nothing the user can do offline changes that.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropMessage("Failed to load CPU gemm_4bit_forward"))
+
+
+@contextlib.contextmanager
+def quiet_peft():
+    """peft reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model; the
+    FutureWarning is about peft's code, not the user's."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def smollm2_directory(model_cfg, cache_dir: str) -> str:
@@ -149,7 +176,8 @@ def load_model(config: DictConfig, tokenizer, dtype_name: str, quantize_4bit: bo
         if os.path.isdir(os.path.join(directory, "adapter")):
             if not (config.lora or config.qlora):
                 from peft import PeftModel  # a LoRA stage followed by full fine-tuning: fold the adapter in
-                model = PeftModel.from_pretrained(model, os.path.join(directory, "adapter")).merge_and_unload()
+                with quiet_peft():
+                    model = PeftModel.from_pretrained(model, os.path.join(directory, "adapter")).merge_and_unload()
         else:
             load_archive(model, directory)
     model.eval()
@@ -205,14 +233,15 @@ def add_lora(model, config: DictConfig):
     if config.model.archive:
         candidate = os.path.join(archive_directory(config.model.archive), "adapter")
         adapter = candidate if os.path.isdir(candidate) else None
-    if adapter:
-        model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
-        model.load_adapter(adapter, adapter_name="reference", is_trainable=False)
-        model.set_adapter("default")
-        return model.eval()
-    lora_config = LoraConfig(r=int(config.lora_rank), lora_alpha=int(config.lora_alpha), lora_dropout=float(config.lora_dropout),
-                             target_modules=lora_targets(model, config), task_type="CAUSAL_LM")
-    return get_peft_model(model, lora_config).eval()
+    with quiet_peft():
+        if adapter:
+            model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+            model.load_adapter(adapter, adapter_name="reference", is_trainable=False)
+            model.set_adapter("default")
+            return model.eval()
+        lora_config = LoraConfig(r=int(config.lora_rank), lora_alpha=int(config.lora_alpha), lora_dropout=float(config.lora_dropout),
+                                 target_modules=lora_targets(model, config), task_type="CAUSAL_LM")
+        return get_peft_model(model, lora_config).eval()
 
 
 def enable_activation_checkpointing(model, block_name: Optional[str]) -> None:

@@ -172,8 +172,8 @@ def check_archive_data(config: DictConfig) -> None:
                                pretrain_fraction=float(config.pretrain_fraction), **data)
     if seen & test or seen & pool:
         raise ConfigError(
-            f"model.archive={config.model.archive} was trained on {len(seen & pool)} of this run's {len(pool)} pool prompts "
-            f"and {len(seen & test)} of its {len(test)} test prompts (archive: split_seed={stage_split_seed}, "
+            f"model.archive={config.model.archive}: its training prompts include {len(seen & pool)} of this run's "
+            f"{len(pool)} pool prompts and {len(seen & test)} of its {len(test)} test prompts (archive: split_seed={stage_split_seed}, "
             f"pretrain_fraction={stage.pretrain_fraction}, loss={stage.loss.name}; this run: split_seed={config.split_seed}, "
             f"pretrain_fraction={config.pretrain_fraction}); use the SFT stage's split_seed and pretrain_fraction "
             "(and loss=sft there with the same pretrain_fraction), or set allow_archive_overlap=true")

@@ -1,5 +1,6 @@
 """Acquisition functions on hand-made tensors: the candidate that must win, wins."""
 import math
+import random
 
 import pytest
 import torch
@@ -98,3 +99,63 @@ def test_score_sequences_returns_scores_in_input_order(tokenizer):
         t = lambda key: torch.tensor([s[key]])
         assert scores["mu"][i].item() == pytest.approx(response_logps(model, t("input_ids"), t("attention_mask"), t("labels")).item(), abs=1e-4)
         assert scores["ref"][i].item() == pytest.approx(response_logps(ref_model, t("input_ids"), t("attention_mask"), t("labels")).item(), abs=1e-4)
+
+
+def sig(x):
+    return 1 / (1 + math.exp(-x))
+
+
+def test_borda_bounds_by_hand_with_spread_and_reference_on_both_sides():
+    """Every input nonzero, reference samples included: P+ pits the policy's upper bound against the
+    reference sample's LOWER bound, P- the policy's lower against the reference's UPPER bound, each
+    implicit reward shifted by its own reference log-prob."""
+    beta, gamma = 0.5, 2.0
+    policy_mu = torch.tensor([[-2.0, -4.0], [-1.0, -1.0]])
+    policy_sigma = torch.tensor([[0.5, 1.0], [0.0, 1.0]])
+    policy_ref = torch.tensor([[-3.0, -3.0], [-1.0, -2.0]])
+    other_mu = torch.tensor([[-5.0, -1.0], [-2.0, -2.0]])
+    other_sigma = torch.tensor([[1.0, 0.5], [1.0, 0.0]])
+    other_ref = torch.tensor([[-4.0, -2.0], [-1.0, -3.0]])
+    b_plus, b_minus = borda_bounds(policy_mu, policy_sigma, policy_ref, other_mu, other_sigma, other_ref, beta, gamma)
+    # prompt 0: U(a) - ref = [2, 1], L(a) - ref = [0, -3]; U(a') - ref' = [1, 2], L(a') - ref' = [-3, 0]
+    #   P+ = sig(0.5 * [[2 + 3, 2 - 0], [1 + 3, 1 - 0]]), P- = sig(0.5 * [[0 - 1, 0 - 2], [-3 - 1, -3 - 2]])
+    # prompt 1: U(a) - ref = [0, 3], L(a) - ref = [0, -1]; U(a') - ref' = [1, 1], L(a') - ref' = [-3, 1]
+    #   P+ = sig(0.5 * [[0 + 3, 0 - 1], [3 + 3, 3 - 1]]), P- = sig(0.5 * [[0 - 1, 0 - 1], [-1 - 1, -1 - 1]])
+    expected_plus = [[(sig(2.5) + sig(1.0)) / 2, (sig(2.0) + sig(0.5)) / 2],
+                     [(sig(1.5) + sig(-0.5)) / 2, (sig(3.0) + sig(1.0)) / 2]]
+    expected_minus = [[(sig(-0.5) + sig(-1.0)) / 2, (sig(-2.0) + sig(-2.5)) / 2],
+                      [sig(-0.5), sig(-1.0)]]
+    assert b_plus.tolist() == [pytest.approx(row, abs=1e-6) for row in expected_plus]
+    assert b_minus.tolist() == [pytest.approx(row, abs=1e-6) for row in expected_minus]
+    acq = borda_acquisition(b_plus, b_minus)
+    assert acq.tolist() == pytest.approx([expected_plus[0][0] - expected_minus[0][0],
+                                          expected_plus[1][1] - expected_minus[1][0]], abs=1e-6)
+
+
+def test_select_borda_keeps_the_widest_gaps_and_sends_the_best_policy_sample_against_a_seeded_draw():
+    """select_borda on hand-made (P, 2m) scores, policy samples in columns 0..m-1: prompt 0 is certain
+    (gap 0), prompt 1's policy sample 2 and prompt 2's policy sample 1 are uncertain (prompt 1 more).
+    The reference columns carry their own spread, at other positions, so reading the wrong half moves
+    the chosen sample."""
+    from omegaconf import OmegaConf
+    from data_selection import select_borda
+    m = 3
+    mu, ref = torch.zeros(3, 2 * m), torch.zeros(3, 2 * m)
+    sigma = torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+                          [0.0, 0.0, 3.0, 1.0, 0.0, 0.0],
+                          [0.0, 1.0, 0.0, 0.0, 0.0, 2.0]])
+    config = OmegaConf.create({"loss": {"beta": 1.0}, "active_beta": 1.0, "online": True})
+    rng = random.Random(7)
+    selection = select_borda({"mu": mu, "sigma": sigma, "ref": ref}, 3, 2, config, rng)
+    draws = random.Random(7)
+    expected_ref = [draws.randrange(m), draws.randrange(m)]
+    assert expected_ref != [0, 0]   # the seeded draws are not the constant a bug would return
+    assert selection.rows == [1, 2]
+    assert selection.responses == [(2, expected_ref[0]), (1, expected_ref[1])]
+    assert rng.getstate() == draws.getstate()   # exactly one draw per kept prompt
+    # prompt 1 by hand (beta = gamma = 1, mu = ref = 0): U = [0, 0, 3], L = [0, 0, -3];
+    # reference U' = [1, 0, 0], L' = [-1, 0, 0]
+    b_plus = (sig(4.0) + 2 * sig(3.0)) / 3
+    b_minus = (sig(-1.0) + 2 * sig(0.0)) / 3
+    assert selection.acquisition[0].item() == pytest.approx(0.0, abs=1e-7)
+    assert selection.acquisition[1].item() == pytest.approx(b_plus - b_minus, abs=1e-6)

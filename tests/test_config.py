@@ -30,7 +30,18 @@ SEED_COMMANDS = [
 def test_seed_commands_parse_and_pass_checks(command):
     config = compose_config(command.split())
     check_config(config)
-    assert config.loss.name in ("dpo", "sft")
+    given = dict(arg.split("=", 1) for arg in command.split())
+    # every setting typed on the command line is the one the run gets
+    assert config.loss.name == given["loss"] and config.exp_name == given["exp_name"]
+    assert config.model.name == given["model"] and list(config.datasets) == [given["datasets"].strip("[]")]
+    for key in ("batch_size", "eval_batch_size", "gradient_accumulation_steps", "selection_ratio", "pretrain_fraction"):
+        if key in given:
+            assert str(config[key]) == given[key], key
+    for key in ("online", "active", "qlora", "sample_during_eval"):
+        assert config[key] is (given.get(key) == "true"), key
+    assert config.selection_strategy == given.get("selection_strategy")
+    if "model.archive" in given:
+        assert config.model.archive == given["model.archive"] and config.loss.beta == float(given["loss.beta"])
 
 
 def test_demo_preset_passes_checks():

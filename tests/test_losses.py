@@ -132,3 +132,53 @@ def test_concatenated_inputs_and_split():
     assert concat["labels"][0, 3:].tolist() == [-100, -100]
     parts = split_batch(batch, 2)
     assert [p["prompt"] for p in parts] == [["a"], ["b"]]
+
+
+def test_mean_and_variance_is_the_unbiased_estimator():
+    from scoring import mean_and_variance
+    # K = 2 draws of B = 2 sequences: column 0 is {1, 3}, column 1 is {2, 6}
+    mean, var = mean_and_variance(torch.tensor([[1.0, 2.0], [3.0, 6.0]]))
+    assert mean.tolist() == pytest.approx([2.0, 4.0])
+    # sum of squared deviations / (K - 1): (1 + 1) / 1 = 2 and (4 + 4) / 1 = 8 (the biased estimator gives 1 and 4)
+    assert var.tolist() == pytest.approx([2.0, 8.0])
+    mean, var = mean_and_variance(torch.tensor([[1.0, 2.0], [2.0, 2.0], [6.0, 2.0]]))
+    assert mean.tolist() == pytest.approx([3.0, 2.0])
+    assert var.tolist() == pytest.approx([(4.0 + 1.0 + 9.0) / 2, 0.0])
+    mean, var = mean_and_variance(torch.tensor([[-4.0, 7.0]]))   # one draw: no spread to estimate
+    assert mean.tolist() == [-4.0, 7.0] and var.tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("n, steps", [(33, 2), (5, 3)])
+def test_gradient_accumulation_with_unequal_microbatches_equals_one_batch(tokenizer, n, steps):
+    """33 pairs in 2 microbatches are 16 + 17 (5 in 3 are 2 + 1 + 2): each microbatch's mean loss must be
+    weighted by its share of the batch, not by 1 / gradient_accumulation_steps, for the update to equal
+    the one-batch update."""
+    from omegaconf import OmegaConf
+    from trainers import BasicTrainer
+    from scoring import Reference
+    assert len({len(p["prompt"]) for p in split_batch({"prompt": list(range(n))}, steps)}) == 2   # unequal parts
+    torch.manual_seed(2)
+    t = 9
+    ids = torch.randint(3, len(tokenizer), (n, t))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    # the rejected responses are random too, so the per-pair gradients differ from microbatch to microbatch
+    rejected = torch.randint(3, len(tokenizer), (n, t))
+    rejected_labels = rejected.clone()
+    rejected_labels[:, :4] = -100
+    batch = {"chosen_input_ids": ids, "chosen_attention_mask": torch.ones_like(ids), "chosen_labels": labels,
+             "rejected_input_ids": rejected, "rejected_attention_mask": torch.ones_like(ids), "rejected_labels": rejected_labels}
+    updates, losses = [], []
+    for accumulation in (1, steps):
+        policy = make_tiny_model(tokenizer, seed=3)
+        reference = make_tiny_model(tokenizer, seed=4)
+        before = torch.cat([p.detach().flatten().clone() for p in policy.parameters()])
+        cfg = OmegaConf.create({"loss": {"name": "dpo", "beta": 0.1, "reference_free": False}, "optimizer": "SGD", "lr": 1.0,
+                                "warmup_steps": 0, "gradient_accumulation_steps": accumulation, "max_grad_norm": 1e9,
+                                "train_dropout": False, "do_first_eval": False, "eval_every": 100, "online": False})
+        trainer = BasicTrainer(policy, Reference(policy, reference), tokenizer, cfg, "/tmp", None, None, None, "cpu")
+        losses.append(trainer.train_step(dict(batch))["loss/train"])
+        updates.append(torch.cat([p.detach().flatten() for p in policy.parameters()]) - before)
+    assert updates[0].abs().max() > 1e-3
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6)   # the logged loss is the mean over all n pairs
+    assert torch.allclose(updates[0], updates[1], atol=1e-6, rtol=0)

@@ -91,7 +91,10 @@ def test_strict_parsing(server, api_key, reply, ok):
     server.set_behaviour(Behaviour(policy=lambda messages: reply))
     results = make_judge(server).judge_many(length_queries(4))
     if ok:
-        assert all(j.winner in ("A", "B") for j in results)
+        # the judge always answers "B", i.e. the response it was shown second; un-swapped, that is
+        # response_b when shown in order and response_a when shown swapped
+        assert [j.winner for j in results] == ["A" if j.shown_first == "B" else "B" for j in results]
+        assert {j.shown_first for j in results} == {"A", "B"}   # both orders occur, so un-swapping is exercised
     else:
         assert all(j.winner is None and j.error.startswith("unparseable reply") for j in results)
     assert server.stats.count == 4  # a bad reply is not retried

@@ -61,7 +61,7 @@ def test_an_sft_stage_that_saw_the_pool_is_refused_in_one_line(tmp_path, pairs):
     with pytest.raises(ConfigError) as info:
         run(stage(tmp_path, pairs, *dpo))
     message = str(info.value)
-    assert "\n" not in message and "pool prompts" in message and "0 of its" in message
+    assert "\n" not in message and "pool prompts" in message and "0 of its" in message and "training prompts include" in message
     assert "pretrain_fraction=0.0" in message and "pretrain_fraction=0.3" in message and "allow_archive_overlap" in message
     assert run(stage(tmp_path, pairs, *dpo, "allow_archive_overlap=true"))["labels"] == 4
     # plain DPO over every train prompt after that SFT stage is the usual pipeline, not a leak

@@ -82,21 +82,39 @@ def test_dpo_raises_reward_accuracy_on_its_training_pairs(tmp_path, pairs):
     assert (chosen > rejected).float().mean() >= 0.9
 
 
-def test_checkpoint_round_trip_gives_identical_log_probs(tmp_path, pairs):
+def test_checkpoint_round_trip_gives_identical_log_probs(tmp_path, pairs, monkeypatch):
+    """The policy reloaded from the run's policy.pt is the trained policy as it was in memory at the end
+    of the run (same weights, same log-probs), and not the untrained model it started from."""
     from models import load_model, load_tokenizer
     from scoring import response_logps
+    from trainers import BasicTrainer
+    held = {}
+    original_train = BasicTrainer.train
+
+    def train(self):
+        held["trainer"] = self
+        return original_train(self)
+
+    monkeypatch.setattr(BasicTrainer, "train", train)
     overrides = tiny_overrides(tmp_path, f"datasets=[{pairs}]", "loss=sft", "exp_name=sft", "batch_size=8", "n_examples=16")
     summary = run(compose_config(overrides))
+    trained = held["trainer"].policy
     config = compose_config(overrides + [f"model.archive={summary['checkpoint']}/policy.pt"])
     tokenizer = load_tokenizer(config)
-    a = load_model(config, tokenizer, "float32")
-    b = load_model(config, tokenizer, "float32")
-    state = torch.load(os.path.join(summary["checkpoint"], "policy.pt"), weights_only=True)
-    assert all(torch.equal(v, a.state_dict()[k]) for k, v in state.items())
+    reloaded = load_model(config, tokenizer, "float32")
+    untrained = load_model(compose_config(overrides), tokenizer, "float32")
+    assert trained.state_dict().keys() == reloaded.state_dict().keys()
+    assert all(torch.equal(v, reloaded.state_dict()[k]) for k, v in trained.state_dict().items())
+    assert not all(torch.equal(v, untrained.state_dict()[k]) for k, v in trained.state_dict().items())
     ids = torch.tensor([tokenizer("Q1: what colour is the sky?\nA: the sky is blue.").input_ids])
     labels = ids.clone()
     labels[:, :5] = -100
-    assert torch.equal(response_logps(a, ids, torch.ones_like(ids), labels), response_logps(b, ids, torch.ones_like(ids), labels))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        logps = {name: response_logps(m, ids, mask, labels) for name, m in
+                 (("trained", trained), ("reloaded", reloaded), ("untrained", untrained))}
+    assert torch.equal(logps["reloaded"], logps["trained"])
+    assert not torch.allclose(logps["untrained"], logps["trained"], atol=1e-2)   # the comparison can fail
 
 
 def test_archive_from_another_model_is_one_clear_line(tmp_path, pairs):
@@ -138,6 +156,7 @@ def test_offline_selection_is_deterministic_for_a_seed(tmp_path, pairs, monkeypa
                                           "selection_strategy=us", "batch_size=4", "selection_ratio=3", "n_examples=12")))
         runs.append(seen)
         monkeypatch.undo()
+    assert [len(b) for b in runs[0]] == [4, 4, 4]   # two empty records would be equal too
     assert runs[0] == runs[1]
 
 
@@ -170,9 +189,19 @@ def test_online_borda_run_counters_are_consistent(tmp_path, monkeypatch):
     assert n_steps == 9 and parts["total"] == pytest.approx(sum(v for k, v in split if k != "total"))
     assert all(parts[k] > 0 for k in ("generation", "scoring", "DPO update"))
     assert "haiku/three_line_rate" in summary["final_eval"]
-    # the win rate against the reference is judged into its own ledger, outside the label budget
-    assert 0.0 <= summary["final_eval"]["win_rate/win_rate"] <= 1.0
-    assert os.path.exists(os.path.join(run_dir, "eval_ledger.jsonl"))
+    # the win rate against the reference is judged into its own ledger, outside the label budget. At
+    # step 0 the policy is the reference: 4 identical answers, 4 ties, nothing asked, win rate 1/2.
+    first = summary["first_eval"]
+    assert (first["win_rate/win_rate"], first["win_rate/ties"], first["win_rate/n"]) == (0.5, 4, 4)
+    # the final eval's verdicts are exactly the eval ledger's (policy as A; a coin flip or an unasked
+    # identical pair is a tie)
+    judged = read_jsonl(os.path.join(run_dir, "eval_ledger.jsonl"))
+    wins = sum(r["winner"] == "A" and r["detail"] != "coin" for r in judged)
+    losses = sum(r["winner"] == "B" and r["detail"] != "coin" for r in judged)
+    ties = 4 - wins - losses
+    final = summary["final_eval"]
+    assert len(judged) <= 4 and (final["win_rate/wins"], final["win_rate/losses"], final["win_rate/ties"]) == (wins, losses, ties)
+    assert final["win_rate/win_rate"] == pytest.approx((wins + 0.5 * ties) / 4)
 
 
 def test_missing_api_key_fails_in_one_line_before_any_model_loads(tmp_path, monkeypatch, pairs):
@@ -340,19 +369,50 @@ def test_selection_never_reads_the_labels(tmp_path, pairs, monkeypatch, strategy
                                           "n_examples=12", "lr=0", "llm_dropout=0.1")))
         selections.append(seen)
         monkeypatch.undo()
+    assert [len(b) for b in selections[0]] == [3, 3, 3, 3]
     assert selections[0] == selections[1]
 
 
-def test_reference_logps_from_selection_equal_a_fresh_reference_pass(tmp_path, pairs):
-    """The DPO step reuses the reference log-probs computed while scoring the pool; they must be the
-    chosen/rejected ones of each selected pair (the scoring order is not the label order)."""
+def write_pairs_of_both_orientations(path):
+    """The synthetic pairs with chosen and rejected exchanged on every other row, so that the canonical
+    (token-id) scoring order puts the chosen response first for some pairs and second for others."""
+    rows = [json.loads(line) for line in open(write_synthetic_pairs(path))]
+    with open(path, "w") as f:
+        for i, row in enumerate(rows):
+            if i % 2:
+                row["chosen"], row["rejected"] = row["rejected"], row["chosen"]
+            f.write(json.dumps(row) + "\n")
+    return str(path)
+
+
+def unpadded(batch, key, row):
+    return batch[key][row][batch[key.replace("input_ids", "attention_mask")][row] == 1].tolist()
+
+
+@pytest.mark.parametrize("strategy", ["ae", "us"])
+def test_reference_logps_from_selection_equal_a_fresh_reference_pass(tmp_path, monkeypatch, strategy):
+    """The DPO step reuses the reference log-probs computed while scoring the pool (AE); they must be the
+    chosen/rejected ones of each selected pair although the scoring order is the canonical token order,
+    not the label order: the selected pairs include both orientations. US reads no reference log-probs,
+    so its batches carry none and the DPO step computes them itself."""
     import data_selection
     from models import load_model, load_tokenizer
-    from scoring import Reference
-    config = compose_config(tiny_overrides(tmp_path, f"datasets=[{pairs}]", "loss=dpo", "exp_name=x", "active=true",
-                                           "selection_strategy=ae", "batch_size=4", "selection_ratio=3", "n_examples=8"))
+    from scoring import Reference, response_logps
     from train import check_config
+    pairs = write_pairs_of_both_orientations(tmp_path / "mixed.jsonl")
+    config = compose_config(tiny_overrides(tmp_path, f"datasets=[{pairs}]", "loss=dpo", "exp_name=x", "active=true",
+                                           f"selection_strategy={strategy}", "batch_size=4", "selection_ratio=3",
+                                           "n_examples=16", "llm_dropout=0.1"))
     check_config(config)
+    flips = []
+    original = data_selection.pair_sequences
+
+    def recording(elements):
+        sequences, flipped = original(elements)
+        flips.extend(flipped)
+        return sequences, flipped
+
+    monkeypatch.setattr(data_selection, "pair_sequences", recording)
     tokenizer = load_tokenizer(config)
     policy, reference_model = load_model(config, tokenizer, "float32"), load_model(config, tokenizer, "float32")
     with torch.no_grad():
@@ -360,10 +420,25 @@ def test_reference_logps_from_selection_equal_a_fresh_reference_pass(tmp_path, p
             p.add_(0.05 * torch.randn_like(p))   # a reference that differs from the policy
     reference = Reference(policy, reference_model)
     source = data_selection.build_source(config, policy, reference, tokenizer, "cpu", str(tmp_path))
+    orientations, n_batches = [], 0
     for batch, _ in source:
+        n_batches += 1
+        for row in range(len(batch["prompt"])):
+            # pair_sequences' rule: the rejected response goes first when its token ids sort first
+            orientations.append(unpadded(batch, "rejected_input_ids", row) < unpadded(batch, "chosen_input_ids", row))
+        if strategy == "us":
+            assert "reference_chosen_logps" not in batch and "reference_rejected_logps" not in batch
+            continue
         for side in ("chosen", "rejected"):
-            fresh = reference.logps(batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"], batch[f"{side}_labels"])
-            assert torch.allclose(batch[f"reference_{side}_logps"], fresh, atol=1e-4)
+            ids, mask, labels = (batch[f"{side}_{k}"] for k in ("input_ids", "attention_mask", "labels"))
+            assert torch.allclose(batch[f"reference_{side}_logps"], reference.logps(ids, mask, labels), atol=1e-4)
+            with torch.no_grad():   # they are the reference's, not the policy's
+                assert not torch.allclose(batch[f"reference_{side}_logps"], response_logps(policy, ids, mask, labels), atol=1e-2)
+        # the two sides differ, so a swap cannot go unnoticed
+        assert not torch.allclose(batch["reference_chosen_logps"], batch["reference_rejected_logps"], atol=1e-2)
+    assert n_batches == 4 and len(flips) == 43               # pools of 12, 12, 12 and the last 7 of 43 train pairs
+    assert any(flips) and not all(flips)                        # the pools hold both orientations
+    assert any(orientations) and not all(orientations)          # and so do the selected pairs
 
 
 def test_online_borda_batches_carry_the_reference_logps_of_their_tokens(tmp_path, monkeypatch):
@@ -394,6 +469,7 @@ def test_generation_scoring_and_training_share_one_prompt_context(tmp_path, monk
     """A prompt longer than max_prompt_length is cut once: the tokens the policy generated from are
     the prompt tokens of the pair it is trained on (and, for Borda, scored on)."""
     import data_selection
+    import evaluation   # noqa: F401  (binds the real sample_responses first: eval prompts must not count as generated-from)
     from trainers import BasicTrainer
     generated_from, trained_on = set(), []
     original_sample, original_metrics = data_selection.sample_responses, BasicTrainer.batch_metrics
@@ -453,3 +529,307 @@ def test_eval_scores_held_out_pairs_with_the_reference_once(tmp_path, pairs, mon
     # 4 evals (before, 8, 16, 24 labels) but the held-out pairs are scored by the reference once
     assert sum(calls) == train_sequences + 2 * n_eval_pairs
     assert summary["final_eval"]["loss/eval"] < summary["first_eval"]["loss/eval"]
+
+
+def test_resume_mid_warmup_restores_the_learning_rate_schedule(tmp_path, pairs, monkeypatch):
+    """warmup_steps=5: the checkpoint at step 2 is mid-warmup. Killed at step 3 and resumed, the run
+    logs the learning rate of the uninterrupted run at every step and ends with its weights. The lr
+    logged after step s is the one the next step uses: lr * min(1, (s + 1) / (warmup_steps + 1))."""
+    from trainers import BasicTrainer
+    from train import resume_config
+    base = tiny_overrides(tmp_path, f"datasets=[{pairs}]", "loss=dpo", "warmup_steps=5", "batch_size=2", "n_examples=12",
+                          "eval_every=4", "do_first_eval=false", "n_eval_examples=2")
+
+    def train_lrs(summary):
+        records = read_jsonl(os.path.join(os.path.dirname(summary["checkpoint"]), "metrics.jsonl"))
+        return [(r["step"], r["lr"]) for r in records if r.get("split") == "train"]
+
+    full = run(compose_config(base + ["exp_name=full"]))
+    original = BasicTrainer.train_step
+
+    def crash_at_step_3(self, batch):
+        if self.step == 3:
+            raise KeyboardInterrupt
+        return original(self, batch)
+
+    monkeypatch.setattr(BasicTrainer, "train_step", crash_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        run(compose_config(base + ["exp_name=cut"]))
+    monkeypatch.undo()
+    run_dir = glob.glob(f"{tmp_path}/runs/cut_*")[0]
+    assert os.readlink(os.path.join(run_dir, "LATEST")) == "step-2"
+    resumed = run(resume_config(run_dir))
+    lr = 3e-3
+    assert [s for s, _ in train_lrs(full)] == [1, 2, 3, 4, 5, 6]
+    assert [v for _, v in train_lrs(full)] == pytest.approx([lr * k / 6 for k in (2, 3, 4, 5, 6, 6)], rel=1e-6)
+    # the resumed run's metrics.jsonl holds steps 1-3 of the first attempt (the crash came in the 4th step),
+    # then 3-6 again from the step-2 checkpoint: every record, repeated ones included, has the full run's lr
+    assert [s for s, _ in train_lrs(resumed)] == [1, 2, 3, 3, 4, 5, 6]
+    expected = dict(train_lrs(full))
+    assert [v for _, v in train_lrs(resumed)] == pytest.approx([expected[s] for s, _ in train_lrs(resumed)], rel=1e-6)
+    a = torch.load(os.path.join(full["checkpoint"], "policy.pt"), weights_only=True)
+    b = torch.load(os.path.join(resumed["checkpoint"], "policy.pt"), weights_only=True)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_sft_stage_trains_only_on_its_share_and_never_on_the_pool_of_a_later_seed(tmp_path, pairs, monkeypatch):
+    """loss=sft pretrain_fraction=0.5 trains on exactly the SFT share of split_prompts(split_seed), every
+    prompt of it once per epoch; an active run with the same pretrain_fraction but another training seed
+    scores its candidates from the other half only (split_seed, not seed, fixes the split)."""
+    import data_selection
+    from preference_datasets import get_dataset, split_prompts
+    train_prompts = list(get_dataset(pairs, "train", silent=True))
+    sft_share, pool = split_prompts(train_prompts, 0.5, seed=0)
+    assert len(sft_share) == 22 and len(pool) == 21           # round(0.5 * 43) = 22
+    seen = record_batches(monkeypatch)
+    run(compose_config(tiny_overrides(tmp_path, f"datasets=[{pairs}]", "loss=sft", "exp_name=sft", "pretrain_fraction=0.5",
+                                      "batch_size=8", "n_epochs=1", "do_first_eval=false", "eval_every=1000")))
+    sft_prompts = [p for b in seen for p in b]
+    assert [len(b) for b in seen] == [8, 8, 6]
+    assert sorted(sft_prompts) == sorted(sft_share)
+    monkeypatch.undo()
+
+    scored = []
+    original = data_selection.pair_sequences
+
+    def recording(elements):
+        scored.extend(e["prompt"] for e in elements)
+        return original(elements)
+
+    monkeypatch.setattr(data_selection, "pair_sequences", recording)
+    run(compose_config(tiny_overrides(tmp_path, f"datasets=[{pairs}]", "loss=dpo", "exp_name=ae", "seed=1", "active=true",
+                                      "selection_strategy=ae", "pretrain_fraction=0.5", "batch_size=4", "selection_ratio=2",
+                                      "n_epochs=1", "do_first_eval=false", "eval_every=1000")))
+    assert sorted(scored) == sorted(pool)
+    assert not set(scored) & set(sft_prompts)
+
+
+HAIKU_ONLINE = ["datasets=[haikus]", f"dataset_files.haikus={ROOT}/data/haiku_keywords.txt", "loss=dpo", "online=true",
+                "oracle=haiku", "generation.max_new_tokens=8", "n_eval_model_samples=2", "eval_every=1000"]
+
+
+def record_trained_pairs(monkeypatch):
+    """(prompt, chosen, rejected) texts of every training batch, in order."""
+    from trainers import BasicTrainer
+    pairs = []
+    original = BasicTrainer.train_step
+
+    def train_step(self, batch):
+        pairs.extend(zip(batch["prompt"], batch["chosen"], batch["rejected"]))
+        return original(self, batch)
+
+    monkeypatch.setattr(BasicTrainer, "train_step", train_step)
+    return pairs
+
+
+def check_labels_against_ledger(ledger, trained):
+    """Every trained pair is a successful verdict of the ledger, winner as chosen; no failed one is trained."""
+    won = {}
+    for r in ledger:
+        if r["winner"] is not None:
+            a, b = r["response_a"], r["response_b"]
+            won[(r["prompt"], a, b)] = won[(r["prompt"], b, a)] = a if r["winner"] == "A" else b
+    failed = {(r["prompt"], frozenset((r["response_a"], r["response_b"]))) for r in ledger if r["winner"] is None}
+    for prompt, chosen, rejected in trained:
+        assert won.get((prompt, chosen, rejected)) == chosen
+        assert (prompt, frozenset((chosen, rejected))) not in failed
+
+
+def test_online_failed_judgments_are_dropped_and_counted_never_labels(tmp_path, monkeypatch):
+    """An oracle that fails every other query: labels bought = successful verdicts, failures counted,
+    and no failed pair reaches a DPO batch."""
+    import data_selection
+    from oracles import Judgment, Oracle
+    real_judge_with_budget = data_selection.judge_with_budget
+    asked = []
+
+    class Flaky(Oracle):
+        """The run's haiku judge, except that every other query it is asked fails."""
+        def __init__(self, oracle):
+            self.oracle, self.name = oracle, oracle.name
+
+        def judge_many(self, queries, on_result=None):
+            out = []
+            for i, (q, j) in enumerate(zip(queries, self.oracle.judge_many(queries))):
+                asked.append(q)
+                if len(asked) % 2 == 0:
+                    j = Judgment(winner=None, judge=self.name, error="HTTP 503 after retries")
+                if on_result is not None:
+                    on_result(i, j)
+                out.append(j)
+            return out
+
+    # the training loop's oracle calls only (the eval win rate has its own judge calls and ledger)
+    monkeypatch.setattr(data_selection, "judge_with_budget",
+                        lambda oracle, queries, ledger, max_queries=None: real_judge_with_budget(Flaky(oracle), queries, ledger, max_queries))
+    trained = record_trained_pairs(monkeypatch)
+    summary = run(compose_config(tiny_overrides(tmp_path, *HAIKU_ONLINE, "exp_name=flaky", "selection_strategy=uniref",
+                                                "selection_ratio=1", "batch_size=3", "n_examples=6")))
+    run_dir = os.path.dirname(summary["checkpoint"])
+    ledger = read_jsonl(os.path.join(run_dir, "oracle_ledger.jsonl"))
+    ok = [r for r in ledger if r["winner"] is not None]
+    failed = [r for r in ledger if r["winner"] is None]
+    # every query was asked once (nothing came from the ledger), alternately answered and failed
+    assert len(ledger) == len(asked) and len(failed) == len(asked) // 2 and len(ok) == len(asked) - len(failed)
+    assert all(r["error"] == "HTTP 503 after retries" for r in failed)
+    assert summary["labels"] == len(ok) == len(trained) == 6
+    last = [r for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if r.get("split") == "train"][-1]
+    assert last["counters/labels_bought"] == 6 and last["counters/oracle_failures"] == len(failed) >= 5
+    assert summary["failed"] == len(failed)
+    check_labels_against_ledger(ledger, trained)
+
+
+def test_online_jeopardy_ties_are_dropped_and_counted(tmp_path, monkeypatch):
+    """JeopardyJudge: an abstention beats a wrong answer (a label), two wrong answers tie (no label). The
+    policy's sampled answers alternate between the two cases; the reference always answers wrong."""
+    import data_selection
+    import evaluation   # binds the real sample_responses for the eval answers before the loop's is replaced
+    calls = []
+
+    def sample(model, tokenizer, prompt_ids, n, generation, device):
+        calls.append(len(prompt_ids))
+        if len(calls) % 2:   # the policy samples first in each step, then the reference
+            return [["" if (sum(calls[:-1]) // 2 + i) % 2 == 0 else "qqq"] * n for i in range(len(prompt_ids))]
+        return [["zzz"] * n for _ in prompt_ids]
+
+    monkeypatch.setattr(data_selection, "sample_responses", sample)
+    trained = record_trained_pairs(monkeypatch)
+    summary = run(compose_config(tiny_overrides(
+        tmp_path, "datasets=[jeopardy]", f"dataset_files.jeopardy={ROOT}/tests/fixtures/jeopardy.json", "loss=dpo",
+        "online=true", "oracle=jeopardy", "exp_name=jeop", "selection_strategy=uniref", "selection_ratio=1", "batch_size=2",
+        "n_examples=4", "generation.max_new_tokens=4", "n_eval_model_samples=2", "eval_every=1000")))
+    run_dir = os.path.dirname(summary["checkpoint"])
+    ledger = read_jsonl(os.path.join(run_dir, "oracle_ledger.jsonl"))
+    # 3 steps of 2 prompts (one abstain-vs-wrong label and one wrong-vs-wrong tie each), then the last
+    # label's step draws one prompt
+    assert len(ledger) == 7 and summary["labels"] == 4 and summary["steps"] == 4
+    ties = [r for r in ledger if r["winner"] is None]
+    assert len(ties) == 3 and all(r["error"] == "tie" and {r["response_a"], r["response_b"]} == {"qqq", "zzz"} for r in ties)
+    assert [(c, r) for _, c, r in trained] == [("", "zzz")] * 4
+    assert all((r["response_a"], r["response_b"]) in (("", "zzz"), ("qqq", "zzz")) for r in ledger)   # A: policy
+    assert evaluation.sample_responses is not sample
+    last = [r for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if r.get("split") == "train"][-1]
+    assert last["counters/labels_bought"] == 4 and last["counters/oracle_failures"] == 3
+    check_labels_against_ledger(ledger, trained)
+
+
+def test_online_sft_winner_trains_on_the_nll_of_the_oracle_winner(tmp_path, monkeypatch):
+    """online_loss=sft_winner (the research code's online loss): the first step's loss is the mean
+    -log pi(winner) under the initial policy, the winners are the ledger's, and no reference pass is
+    made (the eval batches are SFT-mode too)."""
+    import copy
+    from scoring import Reference, response_logps
+    from trainers import BasicTrainer
+    trained = record_trained_pairs(monkeypatch)
+    first = {}
+    original = BasicTrainer.train_step
+
+    def train_step(self, batch):
+        if not first:
+            first["batch"], first["policy"] = batch, copy.deepcopy(self.policy)
+        return original(self, batch)
+
+    reference_passes = []
+    original_logps = Reference.logps
+    monkeypatch.setattr(Reference, "logps", lambda self, *a: reference_passes.append(1) or original_logps(self, *a))
+    monkeypatch.setattr(BasicTrainer, "train_step", train_step)
+    summary = run(compose_config(tiny_overrides(tmp_path, *HAIKU_ONLINE, "exp_name=winner", "selection_strategy=uniref",
+                                                "selection_ratio=1", "online_loss=sft_winner", "batch_size=3", "n_examples=6",
+                                                "lr=1e-2")))
+    run_dir = os.path.dirname(summary["checkpoint"])
+    batch = first["batch"]
+    with torch.no_grad():
+        winner_logps = response_logps(first["policy"], batch["chosen_input_ids"], batch["chosen_attention_mask"], batch["chosen_labels"])
+    records = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+    train = [r for r in records if r.get("split") == "train"]
+    assert train[0]["loss/train"] == pytest.approx(-winner_logps.mean().item(), rel=1e-5)
+    assert "rewards_train/accuracies" not in train[0] and "nll_per_token_train" in train[0]
+    assert reference_passes == []
+    evals = [r for r in records if r.get("split") == "eval"]
+    assert evals and all("nll_per_token_eval" in r and not any(k.startswith("rewards_eval") for k in r) for r in evals)
+    check_labels_against_ledger(read_jsonl(os.path.join(run_dir, "oracle_ledger.jsonl")), trained)
+    assert len(trained) == 6
+
+
+def test_ipo_first_step_loss_is_one_over_four_beta_squared(tmp_path, pairs):
+    """loss=ipo: at step 0 the policy is the reference, so every logit is 0 and each pair's loss is
+    (0 - 1/(2 beta))^2 = 1/(4 beta^2) = 6.25 at beta = 0.2; training then lowers it."""
+    summary = run(compose_config(tiny_overrides(tmp_path, f"datasets=[{pairs}]", "loss=ipo", "loss.beta=0.2", "exp_name=ipo",
+                                                "batch_size=8", "n_examples=24", "eval_every=1000", "lr=1e-3")))
+    records = read_jsonl(os.path.join(os.path.dirname(summary["checkpoint"]), "metrics.jsonl"))
+    train = [r for r in records if r.get("split") == "train"]
+    assert train[0]["loss/train"] == pytest.approx(6.25, rel=1e-5)
+    assert summary["first_eval"]["loss/eval"] == pytest.approx(6.25, rel=1e-5)
+    assert summary["final_eval"]["loss/eval"] < 6.25 - 0.1
+
+
+def test_offline_ae_with_full_mc_dropout(tmp_path, pairs, monkeypatch, capsys):
+    """uncertainty_method=full scores every pool with K full stochastic passes: with llm_dropout > 0 the
+    spreads are positive; with no dropout anywhere (the tiny model has none of its own) they are all
+    zero and the run says so."""
+    import scoring
+    methods = []
+    original = scoring.mc_dropout_logps
+
+    def recording(*args, **kwargs):
+        methods.append((kwargs["method"], kwargs["k"]))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(scoring, "mc_dropout_logps", recording)
+    sigmas = {}
+    for dropout in ("0.1", "0.0"):
+        methods.clear()
+        summary = run(compose_config(tiny_overrides(tmp_path, f"datasets=[{pairs}]", "loss=dpo", f"exp_name=full{dropout}",
+                                                    "active=true", "selection_strategy=ae", "uncertainty_method=full",
+                                                    f"llm_dropout={dropout}", "mc_samples=3", "batch_size=4",
+                                                    "selection_ratio=2", "n_examples=8", "do_first_eval=false")))
+        train = [r for r in read_jsonl(os.path.join(os.path.dirname(summary["checkpoint"]), "metrics.jsonl"))
+                 if r.get("split") == "train"]
+        assert summary["labels"] == 8 and len(train) == 2
+        assert methods and set(methods) == {("full", 3)}
+        sigmas[dropout] = [r["selection/mean_sigma"] for r in train]
+        assert all(r["acquisition/selected_min"] >= r["acquisition/rejected_max"] for r in train)
+    assert all(s > 0 for s in sigmas["0.1"])
+    assert sigmas["0.0"] == [0.0, 0.0]
+    assert "every uncertainty spread is zero" in capsys.readouterr().out
+
+
+def test_online_borda_with_a_separate_reference_model_keeps_it_frozen(tmp_path, monkeypatch):
+    """Full fine-tuning (no LoRA): the reference is a second model; its samples come from that model,
+    its weights never change while the policy's do."""
+    import data_selection
+    import evaluation   # noqa: F401  (binds the real sample_responses for the eval answers first)
+    from trainers import BasicTrainer
+    held = {}
+    original_train = BasicTrainer.train
+
+    def train(self):
+        held["trainer"] = self
+        held["policy"] = {k: v.clone() for k, v in self.policy.state_dict().items()}
+        held["reference"] = {k: v.clone() for k, v in self.reference.model.state_dict().items()}
+        return original_train(self)
+
+    samplers = []
+    original_sample = data_selection.sample_responses
+
+    def sample(model, *args, **kwargs):
+        samplers.append(model)
+        return original_sample(model, *args, **kwargs)
+
+    monkeypatch.setattr(BasicTrainer, "train", train)
+    monkeypatch.setattr(data_selection, "sample_responses", sample)
+    summary = run(compose_config(tiny_overrides(tmp_path, *HAIKU_ONLINE, "exp_name=sep", "selection_strategy=borda",
+                                                "selection_ratio=2", "num_action_samples=2", "batch_size=2", "n_examples=4",
+                                                "lr=1e-2")))
+    trainer = held["trainer"]
+    assert summary["steps"] == 2 and not hasattr(trainer.policy, "peft_config")
+    reference_model = trainer.reference.model
+    assert reference_model is not None
+    assert reference_model is not trainer.policy, "the reference is the policy itself"
+    # per step: the policy samples, then the reference model
+    who = ["policy" if m is trainer.policy else "reference" if m is reference_model else "other" for m in samplers]
+    assert who == ["policy", "reference"] * 2
+    after = reference_model.state_dict()
+    assert all(torch.equal(held["reference"][k], after[k]) for k in after)
+    policy_after = trainer.policy.state_dict()
+    assert any(not torch.allclose(held["policy"][k], policy_after[k]) for k in policy_after)
