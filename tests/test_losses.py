@@ -62,34 +62,6 @@ def test_chunked_log_probs_equal_full_projection_with_gradients():
     assert torch.allclose(g1, g2, atol=1e-5)
 
 
-def test_gradient_accumulation_equals_one_batch(tokenizer):
-    """32 pairs in 2 microbatches give the same gradient as the 32 pairs at once."""
-    from omegaconf import OmegaConf
-    from trainers import BasicTrainer
-    from scoring import Reference
-    torch.manual_seed(1)
-    n, t = 32, 9
-    ids = torch.randint(3, len(tokenizer), (n, t))
-    labels = ids.clone()
-    labels[:, :4] = -100
-    batch = {"chosen_input_ids": ids, "chosen_attention_mask": torch.ones_like(ids), "chosen_labels": labels,
-             "rejected_input_ids": ids.flip(0), "rejected_attention_mask": torch.ones_like(ids), "rejected_labels": labels.flip(0)}
-    updates = []
-    for steps in (1, 2):
-        policy = make_tiny_model(tokenizer, seed=3)
-        reference = make_tiny_model(tokenizer, seed=4)
-        before = torch.cat([p.detach().flatten().clone() for p in policy.parameters()])
-        # plain SGD with lr=1 and no clipping: the weight update is exactly minus the gradient
-        cfg = OmegaConf.create({"loss": {"name": "dpo", "beta": 0.1, "reference_free": False}, "optimizer": "SGD", "lr": 1.0,
-                                "warmup_steps": 0, "gradient_accumulation_steps": steps, "max_grad_norm": 1e9,
-                                "train_dropout": False, "do_first_eval": False, "eval_every": 100, "online": False})
-        trainer = BasicTrainer(policy, Reference(policy, reference), tokenizer, cfg, "/tmp", None, None, None, "cpu")
-        trainer.train_step(dict(batch))
-        updates.append(torch.cat([p.detach().flatten() for p in policy.parameters()]) - before)
-    assert updates[0].abs().max() > 0
-    assert torch.allclose(updates[0], updates[1], atol=1e-6)
-
-
 def test_mc_dropout_head_zero_variance_without_dropout(tokenizer, tiny_model):
     ids = torch.randint(3, len(tokenizer), (3, 10))
     labels = ids.clone()
@@ -148,7 +120,7 @@ def test_mean_and_variance_is_the_unbiased_estimator():
     assert mean.tolist() == [-4.0, 7.0] and var.tolist() == [0.0, 0.0]
 
 
-@pytest.mark.parametrize("n, steps", [(33, 2), (5, 3)])
+@pytest.mark.parametrize("n, steps", [(32, 2), (33, 2), (5, 3)])
 def test_gradient_accumulation_with_unequal_microbatches_equals_one_batch(tokenizer, n, steps):
     """33 pairs in 2 microbatches are 16 + 17 (5 in 3 are 2 + 1 + 2): each microbatch's mean loss must be
     weighted by its share of the batch, not by 1 / gradient_accumulation_steps, for the update to equal
