@@ -120,7 +120,7 @@ def test_mean_and_variance_is_the_unbiased_estimator():
     assert mean.tolist() == [-4.0, 7.0] and var.tolist() == [0.0, 0.0]
 
 
-@pytest.mark.parametrize("n, steps", [(32, 2), (33, 2), (5, 3)])
+@pytest.mark.parametrize("n, steps", [(33, 2), (5, 3)])
 def test_gradient_accumulation_with_unequal_microbatches_equals_one_batch(tokenizer, n, steps):
     """33 pairs in 2 microbatches are 16 + 17 (5 in 3 are 2 + 1 + 2): each microbatch's mean loss must be
     weighted by its share of the batch, not by 1 / gradient_accumulation_steps, for the update to equal
