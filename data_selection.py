@@ -19,8 +19,8 @@ import torch
 from tqdm import tqdm
 
 from oracles import LEDGER_FILENAME, Ledger, Query, judge_with_budget
-from preference_datasets import (collate, iterate_elements, iterate_prompts, pair_element, tokenize_prompt,
-                                 tokenize_response, truncation_mode_for)
+from preference_datasets import (Datasets, collate, iterate_elements, iterate_prompts, load_datasets, pair_element,
+                                 tokenize_prompt, tokenize_response, truncation_mode_for)
 from scoring import ESTIMATORS, score_sequences
 
 
@@ -446,10 +446,17 @@ def prompt_subset(config) -> str:
     return "sft" if config.loss.name == "sft" else "pool"
 
 
+def load_run_data(config) -> Dict[str, Datasets]:
+    """Every dataset of the run, parsed once per split ({'train': ..., 'test': ...}) and handed to the
+    parts that read it; a missing file or wrong columns fails here in one line, before models load."""
+    return {split: load_datasets(list(config.datasets), split, seed=int(config.seed), split_seed=int(config.split_seed),
+                                 data_files=dict(config.dataset_files), cache_dir=config.cache_dir, silent=split == "test")
+            for split in ("train", "test")}
+
+
 def data_kwargs(config, tokenizer) -> Dict:
     return dict(seed=int(config.seed), split_seed=int(config.split_seed), max_length=int(config.max_length),
-                max_prompt_length=int(config.max_prompt_length), data_files=dict(config.dataset_files),
-                cache_dir=config.cache_dir, prompt_format=prompt_formatter(config, tokenizer))
+                max_prompt_length=int(config.max_prompt_length), prompt_format=prompt_formatter(config, tokenizer))
 
 
 def prompt_tokens(config, tokenizer) -> PromptTokens:
@@ -478,9 +485,9 @@ def prompt_formatter(config, tokenizer) -> Optional[Callable[[str], str]]:
     return fmt
 
 
-def build_source(config, policy, reference, tokenizer, device, run_dir: str, oracle=None):
-    """The batch source the trainer consumes, chosen by active/online/selection_strategy."""
-    names, kwargs = list(config.datasets), data_kwargs(config, tokenizer)
+def build_source(config, data: Dict[str, Datasets], policy, reference, tokenizer, device, run_dir: str, oracle=None):
+    """The batch source the trainer consumes, chosen by active/online/selection_strategy; data from load_run_data."""
+    kwargs = data_kwargs(config, tokenizer)
     if config.online or config.active:
         strategy = STRATEGIES[config.selection_strategy]
         scorer = CandidateScorer(strategy, policy, reference, config, tokenizer.pad_token_id, device, seed=int(config.seed) + 1)
@@ -489,9 +496,8 @@ def build_source(config, policy, reference, tokenizer, device, run_dir: str, ora
         epochs = int(config.n_epochs) if config.n_examples is None else 1_000_000
 
         def prompts(skip):
-            return itertools.islice(iterate_prompts(names, "train", seed=int(config.seed), split_seed=int(config.split_seed),
-                                                    shuffle=True, n_epochs=epochs, data_files=kwargs["data_files"],
-                                                    cache_dir=config.cache_dir), skip, None)
+            return itertools.islice(iterate_prompts(data["train"], "train", seed=int(config.seed), shuffle=True,
+                                                    n_epochs=epochs), skip, None)
 
         return OnlineSource(prompts, strategy, scorer, policy, reference, prompt_tokens(config, tokenizer), config, device,
                             oracle, Ledger(os.path.join(run_dir, LEDGER_FILENAME)))
@@ -500,7 +506,7 @@ def build_source(config, policy, reference, tokenizer, device, run_dir: str, ora
     limit = {"n_examples": int(config.n_examples)} if config.n_examples is not None and not config.active else {"n_epochs": int(config.n_epochs)}
 
     def make_elements(skip):
-        return itertools.islice(iterate_elements(names, tokenizer, "train", shuffle=True, sft_mode=sft_mode,
+        return itertools.islice(iterate_elements(data["train"], tokenizer, "train", shuffle=True, sft_mode=sft_mode,
                                                  prompt_subset=prompt_subset(config), pretrain_fraction=float(config.pretrain_fraction),
                                                  **limit, **kwargs), skip, None)
 

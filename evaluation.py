@@ -18,7 +18,7 @@ from tqdm import tqdm
 from data_selection import PromptTokens, data_kwargs, prompt_tokens, sample_responses
 from llm_judge import OpenAIJudge
 from oracles import LEDGER_FILENAME, HaikuJudge, Judgment, Ledger, Oracle, Query, judge_with_budget
-from preference_datasets import collate, iterate_elements, iterate_prompts
+from preference_datasets import Datasets, collate, iterate_elements, iterate_prompts
 from task_rules import haiku_metrics, jeopardy_metrics
 from trainers import concatenated_inputs
 from utils import append_jsonl
@@ -144,11 +144,11 @@ def evaluate_win_rate(oracle: Oracle, ledger: Ledger, prompts: Sequence[str], po
 # ----------------------------------------------------------------------------------------------
 # The evaluator
 
-def held_out_batches(config, tokenizer) -> List[Dict]:
+def held_out_batches(config, test: Datasets, tokenizer) -> List[Dict]:
     """Held-out batches (one pass over the test split, at most n_eval_examples) for the loss/reward
     metrics; empty for data without pairs in DPO mode."""
     sft_mode = config.loss.name == "sft" or (config.online and config.online_loss == "sft_winner")
-    elements = list(itertools.islice(iterate_elements(list(config.datasets), tokenizer, "test", shuffle=False, sft_mode=sft_mode,
+    elements = list(itertools.islice(iterate_elements(test, tokenizer, "test", shuffle=False, sft_mode=sft_mode,
                                                       n_epochs=1, silent=True, **data_kwargs(config, tokenizer)),
                                      int(config.n_eval_examples)))
     size = int(config.eval_batch_size)
@@ -234,7 +234,7 @@ class Evaluator:
         return results
 
 
-def build_evaluator(config, tokenizer, device, reference, run_dir: str, judge=None) -> Evaluator:
+def build_evaluator(config, data: Dict[str, Datasets], tokenizer, device, reference, run_dir: str, judge=None) -> Evaluator:
     """The run's evaluator. Greedy answers on `n_eval_model_samples` held-out prompts are produced
     when something reads them: a task with metrics (haikus, jeopardy), a judge for the win rate
     (which needs a reference that can answer), or sample_during_eval."""
@@ -243,10 +243,9 @@ def build_evaluator(config, tokenizer, device, reference, run_dir: str, judge=No
     answers = None
     if config.sample_during_eval or judge is not None or {"haikus", "jeopardy"} & set(names):
         tokens: PromptTokens = prompt_tokens(config, tokenizer)
-        records = list(itertools.islice(iterate_prompts(names, "test", seed=int(config.seed), split_seed=int(config.split_seed),
-                                                        shuffle=False, data_files=dict(config.dataset_files),
-                                                        cache_dir=config.cache_dir), int(config.n_eval_model_samples)))
+        records = list(itertools.islice(iterate_prompts(data["test"], "test", seed=int(config.seed), shuffle=False),
+                                        int(config.n_eval_model_samples)))
         ledger = Ledger(os.path.join(run_dir, EVAL_LEDGER_FILENAME)) if judge is not None else None
         answers = EvalAnswers(records, [tokens.prompt(name, prompt) for name, prompt, _ in records], tokenizer, config,
                               device, reference, judge, ledger, table=bool(config.sample_during_eval))
-    return Evaluator(held_out_batches(config, tokenizer), reference, device, answers)
+    return Evaluator(held_out_batches(config, data["test"], tokenizer), reference, device, answers)

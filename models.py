@@ -110,9 +110,9 @@ def hub_load_error(source: str, what: str, error: OSError) -> ConfigError:
                        "use a local directory, or set HF_TOKEN for gated models")
 
 
-def load_tokenizer(config: DictConfig):
-    """The run's tokenizer: the archive's own, a named one, the tiny model's (trained on the run's
-    training texts), or the model's."""
+def load_tokenizer(config: DictConfig, train_data=None):
+    """The run's tokenizer: the archive's own, a named one, the tiny model's (trained on the texts of
+    `train_data`, the run's parsed train split, loaded here when not given), or the model's."""
     from transformers import AutoTokenizer
     model_cfg = config.model
     if model_cfg.archive and os.path.isdir(os.path.join(archive_directory(model_cfg.archive), "tokenizer")):
@@ -120,9 +120,11 @@ def load_tokenizer(config: DictConfig):
     elif model_cfg.tokenizer_name_or_path:
         tokenizer = AutoTokenizer.from_pretrained(model_cfg.tokenizer_name_or_path, trust_remote_code=bool(model_cfg.trust_remote_code))
     elif model_cfg.name == "tiny":
-        from preference_datasets import training_texts
-        texts = training_texts(list(config.datasets), seed=int(config.seed), data_files=dict(config.dataset_files),
-                               cache_dir=config.cache_dir, split_seed=int(config.get("split_seed", 0)))
+        from preference_datasets import load_datasets, training_texts
+        if train_data is None:
+            train_data = load_datasets(list(config.datasets), "train", seed=int(config.seed), split_seed=int(config.split_seed),
+                                       data_files=dict(config.dataset_files), cache_dir=config.cache_dir, silent=True)
+        texts = training_texts(train_data)
         tokenizer = build_tiny_tokenizer(texts, int(model_cfg.architecture.vocab_size), config.cache_dir)
     elif model_cfg.get("gguf"):
         tokenizer = AutoTokenizer.from_pretrained(smollm2_directory(model_cfg, config.cache_dir))
@@ -262,11 +264,11 @@ def enable_activation_checkpointing(model, block_name: Optional[str]) -> None:
         block.forward = forward
 
 
-def build_models(config: DictConfig, device) -> Tuple[object, torch.nn.Module, Optional[Reference]]:
+def build_models(config: DictConfig, device, train_data=None) -> Tuple[object, torch.nn.Module, Optional[Reference]]:
     """(tokenizer, policy, reference) for a run; the reference is None for SFT. A separate reference
     model is loaded only without LoRA, and only where something reads it (a reference-free offline run
-    has none)."""
-    tokenizer = load_tokenizer(config)
+    has none). train_data: the parsed train split (the tiny model's tokenizer is trained on it)."""
+    tokenizer = load_tokenizer(config, train_data)
     policy = load_model(config, tokenizer, config.model.policy_dtype, quantize_4bit=bool(config.qlora))
     lora = bool(config.lora or config.qlora)
     if lora:

@@ -866,8 +866,15 @@ def _ordered(items: List[Any], seed: int, shuffle: bool, n_epochs: Optional[int]
             produced += 1
 
 
-def _load_all(names: List[str], split: str, seed: int, data_files: Optional[Dict[str, str]],
-              cache_dir: Optional[str], silent: bool, split_seed: int = 0) -> List[Tuple[str, Dict[str, PromptData]]]:
+# Parsed datasets of one split: [(dataset name, prompt -> PromptData)], in the order of the run's `datasets`.
+Datasets = List[Tuple[str, Dict[str, PromptData]]]
+
+
+def load_datasets(names: List[str], split: str, *, seed: int = 0, split_seed: int = 0,
+                  data_files: Optional[Dict[str, str]] = None, cache_dir: Optional[str] = None,
+                  silent: bool = False) -> Datasets:
+    """Parse `split` of every dataset in `names` (see get_dataset): a run does this once per split
+    and hands the result to the iterators, the tokenizer builder and the checks."""
     if not names:
         raise ConfigError('datasets: the list of datasets is empty')
     files = data_files or {}
@@ -898,13 +905,12 @@ def _drop_eos(items: List[Any], texts: Callable[[Any], List[str]], eos: Optional
     return kept
 
 
-def iterate_elements(names: List[str], tokenizer, split: str, *, seed: int, shuffle: bool, max_length: int,
+def iterate_elements(datasets: Datasets, tokenizer, split: str, *, seed: int, shuffle: bool, max_length: int,
                      max_prompt_length: int, sft_mode: bool, n_epochs: Optional[int] = None,
                      n_examples: Optional[int] = None, prompt_subset: str = 'all', pretrain_fraction: float = 0.0,
-                     data_files: Optional[Dict[str, str]] = None, cache_dir: Optional[str] = None,
                      silent: bool = False, skip_examples: int = 0,
                      prompt_format: Optional[Callable[[str], str]] = None, split_seed: int = 0) -> Iterator[Dict]:
-    """Tokenised elements (see tokenize_element) of the concatenated datasets `names`.
+    """Tokenised elements (see tokenize_element) of the concatenated `datasets` (load_datasets of `split`).
 
     One element per (prompt, pair) in DPO mode, one per prompt (its sft_target) in SFT mode; each
     also carries 'dataset', 'reference' and 'keywords' of its prompt. prompt_subset 'sft'/'pool'
@@ -919,7 +925,7 @@ def iterate_elements(names: List[str], tokenizer, split: str, *, seed: int, shuf
     silent). prompt_format (e.g. a chat template) maps each prompt before tokenisation; the EOS
     check runs on the raw data, since templates may legitimately hold the EOS string. With no usable
     element (e.g. haikus, which have no pairs, in DPO mode) nothing is yielded and, unless silent, a
-    line says so. Data are loaded and arguments checked when this is called, not at the first next().
+    line says so. Arguments are checked when this is called, not at the first next().
     """
     _check_lengths(max_length, max_prompt_length)
     if prompt_subset not in PROMPT_SUBSETS:
@@ -929,12 +935,12 @@ def iterate_elements(names: List[str], tokenizer, split: str, *, seed: int, shuf
     n_epochs = _check_budget(split, n_epochs, n_examples)
     _eos_id(tokenizer)
     items = []
-    for name, data in _load_all(names, split, seed, data_files, cache_dir, silent, split_seed):
+    for name, data in datasets:
         for prompt in _select_prompts(data, prompt_subset, pretrain_fraction, split_seed):
             entry = data[prompt]
             pairs = [None] if sft_mode else entry.pairs
             items.extend(_Item(name, prompt, entry, pair) for pair in pairs)
-    label = f"{'+'.join(names)}/{split}"
+    label = f"{'+'.join(name for name, _ in datasets)}/{split}"
     items = _drop_eos(items, _Item.texts, tokenizer.eos_token, label, 'elements', silent)
     if not items and not silent:
         mode = 'SFT' if sft_mode else 'preference-pair'
@@ -958,9 +964,9 @@ def iterate_elements(names: List[str], tokenizer, split: str, *, seed: int, shuf
     return generate()
 
 
-def get_batch_iterator(names: List[str], tokenizer, split: str, batch_size: int, *, pad_token_id: int,
+def get_batch_iterator(datasets: Datasets, tokenizer, split: str, batch_size: int, *, pad_token_id: int,
                        skip_examples: int = 0, **kwargs) -> Iterator[Dict]:
-    """Collated batches (see collate) of iterate_elements(names, tokenizer, split, **kwargs).
+    """Collated batches (see collate) of iterate_elements(datasets, tokenizer, split, **kwargs).
 
     The first `skip_examples` elements are skipped without tokenising them (resuming), the rest are
     grouped into lists of batch_size; the last, partial batch is yielded too.
@@ -969,7 +975,7 @@ def get_batch_iterator(names: List[str], tokenizer, split: str, batch_size: int,
         raise ConfigError(f'batch_size: must be at least 1 (got {batch_size})')
     if pad_token_id is None:
         raise ConfigError('model.tokenizer_name_or_path: the tokenizer has no pad token; set pad_token_id')
-    elements = iterate_elements(names, tokenizer, split, skip_examples=skip_examples, **kwargs)
+    elements = iterate_elements(datasets, tokenizer, split, skip_examples=skip_examples, **kwargs)
 
     def generate():
         while True:
@@ -981,17 +987,15 @@ def get_batch_iterator(names: List[str], tokenizer, split: str, batch_size: int,
     return generate()
 
 
-def iterate_prompts(names: List[str], split: str, *, seed: int, shuffle: bool, n_epochs: Optional[int] = None,
-                    n_examples: Optional[int] = None, data_files: Optional[Dict[str, str]] = None,
-                    cache_dir: Optional[str] = None, tokenizer=None, silent: bool = False,
-                    split_seed: int = 0) -> Iterator[Tuple[str, str, PromptData]]:
+def iterate_prompts(datasets: Datasets, split: str, *, seed: int, shuffle: bool, n_epochs: Optional[int] = None,
+                    n_examples: Optional[int] = None, tokenizer=None,
+                    silent: bool = False) -> Iterator[Tuple[str, str, PromptData]]:
     """(dataset name, prompt, PromptData) for the online loop, with the ordering rules of iterate_elements
     (n_examples counts prompts). With a tokenizer, prompts containing its EOS string are dropped and
     counted in one printed line."""
     n_epochs = _check_budget(split, n_epochs, n_examples)
-    items = [(name, prompt, entry) for name, data in _load_all(names, split, seed, data_files, cache_dir, silent, split_seed)
-             for prompt, entry in data.items()]
-    label = f"{'+'.join(names)}/{split}"
+    items = [(name, prompt, entry) for name, data in datasets for prompt, entry in data.items()]
+    label = f"{'+'.join(name for name, _ in datasets)}/{split}"
     eos = tokenizer.eos_token if tokenizer is not None else None
     items = _drop_eos(items, lambda item: [item[1]], eos, label, 'prompts', silent)
     if not items and not silent:
@@ -999,27 +1003,17 @@ def iterate_prompts(names: List[str], split: str, *, seed: int, shuffle: bool, n
     return _ordered(items, seed, shuffle, n_epochs, n_examples)
 
 
-def training_texts(names: List[str], seed: int = 0, data_files: Optional[Dict[str, str]] = None,
-                   cache_dir: Optional[str] = None, split_seed: int = 0) -> List[str]:
-    """Every prompt, response and SFT target of the train split of `names`, each text once, in file
-    order: the corpus for training a small tokenizer (deterministic, so it can be cached by content)."""
+def training_texts(datasets: Datasets) -> List[str]:
+    """Every prompt, response and SFT target of the (train) `datasets`, each text once, in file order:
+    the corpus for training a small tokenizer (deterministic, so it can be cached by content)."""
     texts: Dict[str, None] = {}
-    for _, data in _load_all(names, 'train', seed, data_files, cache_dir, silent=True, split_seed=split_seed):
+    for _, data in datasets:
         for prompt, entry in data.items():
             texts.update(dict.fromkeys([prompt, *entry.responses, entry.sft_target]))
     return [text for text in texts if text]
 
 
-def trained_prompts(names: List[str], *, split_seed: int, prompt_subset: str, pretrain_fraction: float,
-                    data_files: Optional[Dict[str, str]] = None, cache_dir: Optional[str] = None,
-                    seed: int = 0) -> Set[str]:
-    """The train prompts of `names` in `prompt_subset` (see iterate_elements), as a set: what a stage
-    with these settings trains on, or selects from."""
-    return {prompt for _, data in _load_all(names, 'train', seed, data_files, cache_dir, True, split_seed)
-            for prompt in _select_prompts(data, prompt_subset, pretrain_fraction, split_seed)}
-
-
-def held_out_prompts(names: List[str], *, split_seed: int, data_files: Optional[Dict[str, str]] = None,
-                 cache_dir: Optional[str] = None, seed: int = 0) -> Set[str]:
-    """The held-out prompts of `names` under split_seed, as a set."""
-    return {prompt for _, data in _load_all(names, 'test', seed, data_files, cache_dir, True, split_seed) for prompt in data}
+def trained_prompts(datasets: Datasets, *, split_seed: int, prompt_subset: str, pretrain_fraction: float) -> Set[str]:
+    """The prompts of the (train) `datasets` in `prompt_subset` (see iterate_elements), as a set: what a
+    stage with these settings trains on, or selects from."""
+    return {prompt for _, data in datasets for prompt in _select_prompts(data, prompt_subset, pretrain_fraction, split_seed)}

@@ -131,17 +131,7 @@ def make_run_dir(config: DictConfig) -> str:
     raise ConfigError(f"local_dirs={list(config.local_dirs)}: none is writable")
 
 
-def check_data(config: DictConfig) -> None:
-    """Parse every dataset once before models load: a missing file or wrong columns fails in one line
-    first (the parse is memoised, so the iterators do not pay for it again)."""
-    from preference_datasets import get_dataset
-    for name in config.datasets:
-        for split in ("train", "test"):
-            get_dataset(name, split, seed=int(config.seed), data_file=config.dataset_files.get(name),
-                        cache_dir=config.cache_dir, silent=split == "test", split_seed=int(config.split_seed))
-
-
-def check_archive_data(config: DictConfig) -> None:
+def check_archive_data(config: DictConfig, data) -> None:
     """A run that starts from `model.archive` must not evaluate on prompts the archive trained on, and,
     when it splits off an SFT share (pretrain_fraction > 0), must not select from prompts its SFT
     stage trained on. The archive's own saved config says what it trained on (archives from before
@@ -149,7 +139,7 @@ def check_archive_data(config: DictConfig) -> None:
     allow_archive_overlap=true."""
     from data_selection import prompt_subset
     from models import archive_directory
-    from preference_datasets import held_out_prompts, trained_prompts
+    from preference_datasets import load_datasets, trained_prompts
     if not config.model.archive or config.allow_archive_overlap:
         return
     path = os.path.join(archive_directory(config.model.archive), "config.yaml")
@@ -158,18 +148,18 @@ def check_archive_data(config: DictConfig) -> None:
     stage = OmegaConf.load(path)
     stage_split_seed = int(stage.get("split_seed", stage.get("seed", 0)))
     try:
-        seen = trained_prompts(list(stage.datasets), split_seed=stage_split_seed, prompt_subset=prompt_subset(stage),
-                               pretrain_fraction=float(stage.pretrain_fraction), data_files=dict(stage.dataset_files),
-                               cache_dir=config.cache_dir, seed=int(stage.seed))
+        stage_data = load_datasets(list(stage.datasets), "train", seed=int(stage.seed), split_seed=stage_split_seed,
+                                   data_files=dict(stage.dataset_files), cache_dir=config.cache_dir, silent=True)
+        seen = trained_prompts(stage_data, split_seed=stage_split_seed, prompt_subset=prompt_subset(stage),
+                               pretrain_fraction=float(stage.pretrain_fraction))
     except UserError as e:
         raise ConfigError(f"model.archive={config.model.archive}: cannot read the data it was trained on to check for "
                           f"overlap ({e}); set allow_archive_overlap=true to skip the check") from e
-    data = dict(data_files=dict(config.dataset_files), cache_dir=config.cache_dir, seed=int(config.seed))
-    test = held_out_prompts(list(config.datasets), split_seed=int(config.split_seed), **data)
+    test = {prompt for _, split in data["test"] for prompt in split}
     pool = set()
     if float(config.pretrain_fraction) > 0 and not config.online and stage.loss.name == "sft":
-        pool = trained_prompts(list(config.datasets), split_seed=int(config.split_seed), prompt_subset="pool",
-                               pretrain_fraction=float(config.pretrain_fraction), **data)
+        pool = trained_prompts(data["train"], split_seed=int(config.split_seed), prompt_subset="pool",
+                               pretrain_fraction=float(config.pretrain_fraction))
     if seen & test or seen & pool:
         raise ConfigError(
             f"model.archive={config.model.archive}: its training prompts include {len(seen & pool)} of this run's "
@@ -195,23 +185,23 @@ def build_judges(config: DictConfig):
 def main_with(config: DictConfig) -> Dict:
     """Everything after Hydra has composed the config; returns the run summary."""
     check_config(config)
-    from data_selection import build_source
+    from data_selection import build_source, load_run_data
     from evaluation import build_evaluator
     from models import build_models
     from trainers import BasicTrainer
 
     oracle, judge = build_judges(config)
-    check_data(config)
-    check_archive_data(config)
+    data = load_run_data(config)
+    check_archive_data(config, data)
     utils.set_seed(int(config.seed))
     run_dir = make_run_dir(config)
     if not config.resume:
         utils.atomic_write_text(os.path.join(run_dir, "config.yaml"), OmegaConf.to_yaml(config, resolve=True))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer, policy, reference = build_models(config, device)
+    tokenizer, policy, reference = build_models(config, device, data["train"])
     logger = utils.RunLogger(config, run_dir)
-    source = build_source(config, policy, reference, tokenizer, device, run_dir, oracle)
-    evaluator = build_evaluator(config, tokenizer, device, reference, run_dir, judge)
+    source = build_source(config, data, policy, reference, tokenizer, device, run_dir, oracle)
+    evaluator = build_evaluator(config, data, tokenizer, device, reference, run_dir, judge)
     trainer = BasicTrainer(policy, reference, tokenizer, config, run_dir, source, evaluator, logger, device)
     if config.resume:
         trainer.load_training_state(os.path.realpath(os.path.join(run_dir, "LATEST")))

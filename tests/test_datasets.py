@@ -68,6 +68,27 @@ def read_jsonl(name):
     return [json.loads(line) for line in open(fixture(name), encoding='utf-8') if line.strip()]
 
 
+def _load(names, split, kwargs):
+    """Parse `names` once, as a run does, taking the loading arguments out of an iterator's kwargs."""
+    return pds.load_datasets(names, split, seed=kwargs.get('seed', 0), split_seed=kwargs.get('split_seed', 0),
+                             data_files=kwargs.pop('data_files', None), cache_dir=kwargs.pop('cache_dir', None),
+                             silent=kwargs.get('silent', False))
+
+
+def loaded_elements(names, tokenizer, split, **kwargs):
+    return pds.iterate_elements(_load(names, split, kwargs), tokenizer, split, **kwargs)
+
+
+def loaded_batches(names, tokenizer, split, batch_size, **kwargs):
+    return pds.get_batch_iterator(_load(names, split, kwargs), tokenizer, split, batch_size, **kwargs)
+
+
+def loaded_prompts(names, split, **kwargs):
+    datasets = _load(names, split, kwargs)
+    kwargs.pop('split_seed', None)
+    return pds.iterate_prompts(datasets, split, **kwargs)
+
+
 def dpo_kwargs(**overrides):
     kwargs = dict(seed=0, shuffle=True, max_length=256, max_prompt_length=128, sft_mode=False,
                   data_files={'hh': fixture('hh.jsonl')}, silent=True)
@@ -479,7 +500,7 @@ def test_collate_repads_a_subset_to_its_own_longest():
 def test_iterate_elements_skips_eos_text_and_reports_once(tmp_path, tokenizer, capsys):
     shutil.copy(fixture('user_eos.jsonl'), tmp_path / 'train.jsonl')
     name = str(tmp_path)
-    elements = list(pds.iterate_elements([name], tokenizer, 'train', seed=0, shuffle=False, max_length=64,
+    elements = list(loaded_elements([name], tokenizer, 'train', seed=0, shuffle=False, max_length=64,
                                          max_prompt_length=32, sft_mode=False, n_epochs=2))
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines == [f'{name}/train: skipped 2 of 6 elements (2 EOS in text)']
@@ -489,14 +510,14 @@ def test_iterate_elements_skips_eos_text_and_reports_once(tmp_path, tokenizer, c
         assert '</s>' not in element['prompt'] + element['chosen'] + element['rejected']
         for key in ('chosen_input_ids', 'rejected_input_ids'):
             assert element[key].count(eos) == 1 and element[key][-1] == eos
-    sft = list(pds.iterate_elements([name], tokenizer, 'train', seed=0, shuffle=False, max_length=64,
+    sft = list(loaded_elements([name], tokenizer, 'train', seed=0, shuffle=False, max_length=64,
                                     max_prompt_length=32, sft_mode=True, n_epochs=1))
     assert len(sft) == 4 and 'skipped 2 of 6 elements' in capsys.readouterr().out
 
 
 def sequence(tokenizer, **overrides):
     return [(e['prompt'], e['chosen'], e['rejected'])
-            for e in pds.iterate_elements(['hh'], tokenizer, 'train', **dpo_kwargs(**overrides))]
+            for e in loaded_elements(['hh'], tokenizer, 'train', **dpo_kwargs(**overrides))]
 
 
 def test_iterate_elements_is_deterministic_for_a_seed(tokenizer):
@@ -511,7 +532,7 @@ def test_iterate_elements_is_deterministic_for_a_seed(tokenizer):
 
 
 def test_elements_carry_dataset_reference_and_sft_target(tokenizer):
-    element = next(pds.iterate_elements(['hh'], tokenizer, 'train', **dpo_kwargs(n_examples=1)))
+    element = next(loaded_elements(['hh'], tokenizer, 'train', **dpo_kwargs(n_examples=1)))
     data = pds.get_dataset('hh', 'train', data_file=fixture('hh.jsonl'), silent=True)[element['prompt']]
     assert element['dataset'] == 'hh' and element['reference'] == data.reference == element['chosen']
     assert element['keywords'] is None and element['sft_target'] == data.sft_target
@@ -519,7 +540,7 @@ def test_elements_carry_dataset_reference_and_sft_target(tokenizer):
 
 def test_skip_examples_gives_the_suffix_of_the_same_sequence(tokenizer):
     def prompts_of(skip):
-        batches = pds.get_batch_iterator(['hh'], tokenizer, 'train', 4, pad_token_id=tokenizer.pad_token_id,
+        batches = loaded_batches(['hh'], tokenizer, 'train', 4, pad_token_id=tokenizer.pad_token_id,
                                          skip_examples=skip, **dpo_kwargs(n_examples=30))
         return [(prompt, len(batch['prompt'])) for batch in batches for prompt in batch['prompt']]
     full = prompts_of(0)
@@ -530,7 +551,7 @@ def test_skip_examples_gives_the_suffix_of_the_same_sequence(tokenizer):
 
 def test_prompt_subsets_are_disjoint_and_cover(tokenizer):
     def prompts(subset):
-        return {e['prompt'] for e in pds.iterate_elements(['hh'], tokenizer, 'train', **dpo_kwargs(
+        return {e['prompt'] for e in loaded_elements(['hh'], tokenizer, 'train', **dpo_kwargs(
             n_epochs=1, prompt_subset=subset, pretrain_fraction=0.3))}
     sft, pool, everything = prompts('sft'), prompts('pool'), prompts('all')
     assert len(sft) == round(0.3 * 18) and not sft & pool and sft | pool == everything
@@ -538,9 +559,9 @@ def test_prompt_subsets_are_disjoint_and_cover(tokenizer):
                                                              silent=True)), 0.3, seed=0)
     assert sft == set(expected_sft)
     with pytest.raises(ConfigError, match='prompt_subset'):
-        pds.iterate_elements(['hh'], tokenizer, 'train', **dpo_kwargs(n_epochs=1, prompt_subset='rest'))
+        loaded_elements(['hh'], tokenizer, 'train', **dpo_kwargs(n_epochs=1, prompt_subset='rest'))
     with pytest.raises(ConfigError, match='pretrain_fraction'):
-        pds.iterate_elements(['hh'], tokenizer, 'train', **dpo_kwargs(n_epochs=1, prompt_subset='sft',
+        loaded_elements(['hh'], tokenizer, 'train', **dpo_kwargs(n_epochs=1, prompt_subset='sft',
                                                                       pretrain_fraction=1.0))
 
 
@@ -557,16 +578,16 @@ def test_n_examples_stops_exactly_and_epochs_are_permutations(tokenizer):
 
 def test_budget_rules(tokenizer):
     with pytest.raises(ConfigError, match='n_epochs / n_examples'):
-        pds.iterate_elements(['hh'], tokenizer, 'train', **dpo_kwargs())
+        loaded_elements(['hh'], tokenizer, 'train', **dpo_kwargs())
     with pytest.raises(ConfigError, match='n_epochs / n_examples'):
-        pds.iterate_elements(['hh'], tokenizer, 'train', **dpo_kwargs(n_epochs=1, n_examples=3))
-    one_pass = list(pds.iterate_elements(['hh'], tokenizer, 'test', **dpo_kwargs()))
+        loaded_elements(['hh'], tokenizer, 'train', **dpo_kwargs(n_epochs=1, n_examples=3))
+    one_pass = list(loaded_elements(['hh'], tokenizer, 'test', **dpo_kwargs()))
     assert len(one_pass) == 2
 
 
 def test_sft_mode_haikus_one_element_per_prompt(tokenizer):
     data = pds.get_dataset('haikus', 'train', data_file=fixture('haiku.csv'), silent=True)
-    elements = list(pds.iterate_elements(['haikus'], tokenizer, 'train', seed=0, shuffle=True, max_length=128,
+    elements = list(loaded_elements(['haikus'], tokenizer, 'train', seed=0, shuffle=True, max_length=128,
                                          max_prompt_length=64, sft_mode=True, n_epochs=1,
                                          data_files={'haikus': fixture('haiku.csv')}))
     assert len(elements) == len(data)
@@ -580,7 +601,7 @@ def test_sft_mode_haikus_one_element_per_prompt(tokenizer):
 def test_dataset_without_pairs_yields_nothing_in_dpo_mode(tokenizer, capsys):
     # Online haiku runs still build (empty) DPO eval batches, so this must not raise; an n_examples
     # budget must not loop forever over empty epochs either.
-    batches = pds.get_batch_iterator(['haikus'], tokenizer, 'train', 4, pad_token_id=tokenizer.pad_token_id,
+    batches = loaded_batches(['haikus'], tokenizer, 'train', 4, pad_token_id=tokenizer.pad_token_id,
                                      seed=0, shuffle=True, max_length=128, max_prompt_length=64, sft_mode=False,
                                      n_examples=10, data_files={'haikus': fixture('haiku.csv')})
     assert list(batches) == []
@@ -590,7 +611,7 @@ def test_dataset_without_pairs_yields_nothing_in_dpo_mode(tokenizer, capsys):
 def test_prompt_format_applies_before_tokenisation_and_eos_check_uses_raw_text(tmp_path, tokenizer, capsys):
     shutil.copy(fixture('user_eos.jsonl'), tmp_path / 'train.jsonl')
     template = lambda prompt: f'<s>User: {prompt}</s>Assistant:'   # holds the EOS string on purpose
-    elements = list(pds.iterate_elements([str(tmp_path)], tokenizer, 'train', seed=0, shuffle=False, max_length=96,
+    elements = list(loaded_elements([str(tmp_path)], tokenizer, 'train', seed=0, shuffle=False, max_length=96,
                                          max_prompt_length=64, sft_mode=False, n_epochs=1, prompt_format=template))
     assert len(elements) == 4 and 'skipped 2 of 6 elements' in capsys.readouterr().out
     first = elements[0]
@@ -599,10 +620,10 @@ def test_prompt_format_applies_before_tokenisation_and_eos_check_uses_raw_text(t
 
 
 def test_training_texts_cover_train_prompts_and_responses():
-    texts = pds.training_texts(['hh', 'jeopardy'], seed=0,
-                               data_files={'hh': fixture('hh.jsonl'), 'jeopardy': fixture('jeopardy.json')})
-    assert texts == pds.training_texts(['hh', 'jeopardy'], seed=0,
-                                       data_files={'hh': fixture('hh.jsonl'), 'jeopardy': fixture('jeopardy.json')})
+    files = {'hh': fixture('hh.jsonl'), 'jeopardy': fixture('jeopardy.json')}
+    texts = pds.training_texts(pds.load_datasets(['hh', 'jeopardy'], 'train', data_files=files, silent=True))
+    reordered = pds.training_texts(pds.load_datasets(['jeopardy', 'hh'], 'train', data_files=files, silent=True))
+    assert set(texts) == set(reordered) and texts != reordered   # the same corpus; build_tiny_tokenizer sorts it
     hh = pds.get_dataset('hh', 'train', data_file=fixture('hh.jsonl'), silent=True)
     prompt, entry = next(iter(hh.items()))
     assert texts[:3] == [prompt] + entry.responses
@@ -611,7 +632,7 @@ def test_training_texts_cover_train_prompts_and_responses():
 
 def test_several_datasets_concatenate(tokenizer):
     files = {'hh': fixture('hh.jsonl'), 'jeopardy': fixture('jeopardy.json')}
-    elements = list(pds.iterate_elements(['hh', 'jeopardy'], tokenizer, 'train', **dpo_kwargs(
+    elements = list(loaded_elements(['hh', 'jeopardy'], tokenizer, 'train', **dpo_kwargs(
         n_epochs=1, data_files=files)))
     counts = {name: sum(e['dataset'] == name for e in elements) for name in files}
     assert counts == {'hh': 18, 'jeopardy': 16}
@@ -623,16 +644,16 @@ def test_several_datasets_concatenate(tokenizer):
 
 def test_iterate_prompts_order_and_budget(tokenizer, tmp_path, capsys):
     files = {'jeopardy': fixture('jeopardy.json')}
-    first = [(n, p) for n, p, _ in pds.iterate_prompts(['jeopardy'], 'train', seed=4, shuffle=True, n_examples=20,
+    first = [(n, p) for n, p, _ in loaded_prompts(['jeopardy'], 'train', seed=4, shuffle=True, n_examples=20,
                                                       data_files=files)]
     assert len(first) == 20 and len(set(first[:16])) == 16
-    again = pds.iterate_prompts(['jeopardy'], 'train', seed=4, shuffle=True, n_examples=20, data_files=files)
+    again = loaded_prompts(['jeopardy'], 'train', seed=4, shuffle=True, n_examples=20, data_files=files)
     assert [(n, p) for n, p, _ in again] == first
-    name, prompt, data = next(pds.iterate_prompts(['jeopardy'], 'test', seed=4, shuffle=False, data_files=files))
+    name, prompt, data = next(loaded_prompts(['jeopardy'], 'test', seed=4, shuffle=False, data_files=files))
     assert name == 'jeopardy' and data.reference == data.responses[0]
     shutil.copy(fixture('user_eos.jsonl'), tmp_path / 'train.jsonl')
     capsys.readouterr()
-    prompts = [p for _, p, _ in pds.iterate_prompts([str(tmp_path)], 'train', seed=0, shuffle=False, n_epochs=1,
+    prompts = [p for _, p, _ in loaded_prompts([str(tmp_path)], 'train', seed=0, shuffle=False, n_epochs=1,
                                                     tokenizer=tokenizer)]
     assert len(prompts) == 5 and 'Repeat </s> please.' not in prompts
     assert 'skipped 1 of 6 prompts (1 EOS in text)' in capsys.readouterr().out

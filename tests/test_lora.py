@@ -60,14 +60,14 @@ def test_shared_reference_dpo_matches_two_copy_dpo(tmp_path, pairs):
     from omegaconf import OmegaConf
     from trainers import BasicTrainer
     from scoring import Reference
-    from preference_datasets import collate, iterate_elements
+    from preference_datasets import collate, iterate_elements, load_datasets
     config, tokenizer, base, add_lora = build(tmp_path, pairs, "lora=true")
     import copy
     frozen_copy = copy.deepcopy(base).requires_grad_(False)
     policy = add_lora(base, config)
     perturb_adapters(policy)
     assert not policy.training   # dropout off in the training forward (train_dropout=false)
-    elements = list(iterate_elements([pairs], tokenizer, "train", seed=0, shuffle=False, max_length=64, max_prompt_length=32,
+    elements = list(iterate_elements(load_datasets([pairs], "train", silent=True), tokenizer, "train", seed=0, shuffle=False, max_length=64, max_prompt_length=32,
                                      sft_mode=False, n_epochs=1, silent=True))[:6]
     batch = collate(elements, tokenizer.pad_token_id)
     cfg = OmegaConf.create({"loss": {"name": "dpo", "beta": 0.1, "reference_free": False}, "optimizer": "SGD", "lr": 0.1,

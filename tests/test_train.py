@@ -57,7 +57,7 @@ def test_sft_then_dpo_from_its_checkpoint(tmp_path, pairs):
 
 
 def test_dpo_raises_reward_accuracy_on_its_training_pairs(tmp_path, pairs):
-    from preference_datasets import iterate_elements
+    from preference_datasets import iterate_elements, load_datasets
     from trainers import concatenated_inputs, preference_loss
     from scoring import response_logps
     from models import load_model, load_tokenizer
@@ -70,7 +70,7 @@ def test_dpo_raises_reward_accuracy_on_its_training_pairs(tmp_path, pairs):
     trained = load_model(config, tokenizer, "float32")
     config.model.archive = None
     initial = load_model(config, tokenizer, "float32")
-    elements = list(iterate_elements([pairs], tokenizer, "train", seed=0, shuffle=False, max_length=64, max_prompt_length=32,
+    elements = list(iterate_elements(load_datasets([pairs], "train", silent=True), tokenizer, "train", seed=0, shuffle=False, max_length=64, max_prompt_length=32,
                                      sft_mode=False, n_epochs=1, silent=True))
     batch = collate(elements, tokenizer.pad_token_id)
     concat = concatenated_inputs(batch)
@@ -419,7 +419,8 @@ def test_reference_logps_from_selection_equal_a_fresh_reference_pass(tmp_path, m
         for p in reference_model.parameters():
             p.add_(0.05 * torch.randn_like(p))   # a reference that differs from the policy
     reference = Reference(policy, reference_model)
-    source = data_selection.build_source(config, policy, reference, tokenizer, "cpu", str(tmp_path))
+    source = data_selection.build_source(config, data_selection.load_run_data(config), policy, reference, tokenizer, "cpu",
+                                         str(tmp_path))
     orientations, n_batches = [], 0
     for batch, _ in source:
         n_batches += 1
