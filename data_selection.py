@@ -9,10 +9,11 @@ configured estimator, one reference pass), and the reference log-probs computed 
 the DPO step so it never recomputes them.
 """
 import itertools
+import math
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -43,15 +44,15 @@ def us_acquisition(var: torch.Tensor) -> torch.Tensor:
     return var.mean(dim=-1)
 
 
-def borda_bounds(policy_mu: torch.Tensor, policy_sigma: torch.Tensor, policy_ref: torch.Tensor,
-                 other_mu: torch.Tensor, other_sigma: torch.Tensor, other_ref: torch.Tensor,
-                 beta: float, gamma: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Optimistic and pessimistic Borda scores of the policy's samples against the reference's.
+def borda_probabilities(policy_mu: torch.Tensor, policy_sigma: torch.Tensor, policy_ref: torch.Tensor,
+                        other_mu: torch.Tensor, other_sigma: torch.Tensor, other_ref: torch.Tensor,
+                        beta: float, gamma: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Optimistic and pessimistic preference probabilities of the policy's samples over the reference's.
 
     policy_*: (P, m) for the policy samples a_i; other_*: (P, m) for the reference samples a'_j.
     mu/sigma are the policy's log-prob centre/spread, ref the reference log-prob (nats).
-    P+[i,j] = sigmoid(beta ((U(a_i) - ref(a_i)) - (L(a'_j) - ref(a'_j)))), P- with U and L swapped;
-    returns b+ = mean_j P+ (P, m), b- = mean_j P- (P, m).
+    Returns P+[i,j] = sigmoid(beta ((U(a_i) - ref(a_i)) - (L(a'_j) - ref(a'_j)))) and P- with U and L
+    swapped, each (P, m, m), where U/L = mu +/- gamma sigma.
     """
     upper_a = policy_mu + gamma * policy_sigma - policy_ref
     lower_a = policy_mu - gamma * policy_sigma - policy_ref
@@ -59,7 +60,33 @@ def borda_bounds(policy_mu: torch.Tensor, policy_sigma: torch.Tensor, policy_ref
     lower_b = other_mu - gamma * other_sigma - other_ref
     p_plus = torch.sigmoid(beta * (upper_a[:, :, None] - lower_b[:, None, :]))
     p_minus = torch.sigmoid(beta * (lower_a[:, :, None] - upper_b[:, None, :]))
+    return p_plus, p_minus
+
+
+def borda_bounds(*args, **kwargs) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Borda bounds b+ = mean_j P+[i,j] and b- = mean_j P-[i,j], each (P, m); arguments as borda_probabilities."""
+    p_plus, p_minus = borda_probabilities(*args, **kwargs)
     return p_plus.mean(-1), p_minus.mean(-1)
+
+
+def unsaturated_share(probabilities: torch.Tensor, margin: float = 0.05) -> float:
+    """Share of preference probabilities inside (margin, 1 - margin): near 0, the Borda bounds are
+    saturated (every comparison reads as certain) and the acquisition carries little signal."""
+    return float(((probabilities > margin) & (probabilities < 1 - margin)).float().mean())
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman rank correlation of two (N,) vectors (ties get their average rank); NaN when either is
+    constant or N < 3."""
+    def ranks(x):
+        x = x.double()
+        return (x[:, None] > x[None, :]).sum(1) + 0.5 * ((x[:, None] == x[None, :]).sum(1) - 1)
+    if a.numel() < 3:
+        return float("nan")
+    ra, rb = ranks(a.flatten()), ranks(b.flatten())
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denominator = (ra.norm() * rb.norm()).item()
+    return float((ra * rb).sum() / denominator) if denominator > 0 else float("nan")
 
 
 def borda_acquisition(b_plus: torch.Tensor, b_minus: torch.Tensor) -> torch.Tensor:
@@ -84,6 +111,7 @@ class Selection:
     rows: List[int]
     responses: Optional[List[Tuple[int, int]]] = None
     acquisition: Optional[torch.Tensor] = None
+    stats: Dict[str, float] = field(default_factory=dict)
 
 
 def select_first(scores, n: int, want: int, config, rng: random.Random) -> Selection:
@@ -110,11 +138,14 @@ def select_borda(scores, n: int, want: int, config, rng: random.Random) -> Selec
     Borda gap; per prompt, the policy sample with the largest b+ against a uniformly drawn reference sample."""
     m = scores["mu"].shape[1] // 2
     mu, sigma, ref = scores["mu"], scores["sigma"], scores["ref"]
-    b_plus, b_minus = borda_bounds(mu[:, :m], sigma[:, :m], ref[:, :m], mu[:, m:], sigma[:, m:], ref[:, m:],
-                                   beta=float(config.loss.beta), gamma=float(config.active_beta))
+    p_plus, p_minus = borda_probabilities(mu[:, :m], sigma[:, :m], ref[:, :m], mu[:, m:], sigma[:, m:], ref[:, m:],
+                                          beta=float(config.loss.beta), gamma=float(config.active_beta))
+    b_plus, b_minus = p_plus.mean(-1), p_minus.mean(-1)
     acquisition = borda_acquisition(b_plus, b_minus)
     rows = top_k(acquisition, want)
-    return Selection(rows, [(int(b_plus[i].argmax()), rng.randrange(m)) for i in rows], acquisition)
+    stats = {"selection/borda_unsaturated": unsaturated_share(torch.cat([p_plus.flatten(), p_minus.flatten()])),
+             "selection/mean_b_plus": float(b_plus.mean()), "selection/mean_b_minus": float(b_minus.mean())}
+    return Selection(rows, [(int(b_plus[i].argmax()), rng.randrange(m)) for i in rows], acquisition, stats)
 
 
 @dataclass(frozen=True)
@@ -186,7 +217,7 @@ class CandidateScorer:
                                  estimator=self.estimator, pad_token_id=self.pad_token_id,
                                  batch_size=int(self.config.selection_batch_size), device=self.device,
                                  generator=self.generator)
-        scores = {k: v.view(-1, columns) for k, v in scores.items()}
+        scores = {k: v.view(*v.shape[:-1], -1, columns) for k, v in scores.items()}
         if "sigma" in scores and not self.warned_zero_spread and float(scores["sigma"].abs().max()) == 0.0:
             self.warned_zero_spread = True
             tqdm.write("WARNING: every uncertainty spread is zero (no dropout active: llm_dropout=0 and "
@@ -213,7 +244,54 @@ def selection_stats(selection: Selection, scores: Dict[str, torch.Tensor], n: in
                 out[f"acquisition/{name}_max"] = float(values.max())
     if "sigma" in scores:
         out["selection/mean_sigma"] = float(scores["sigma"].mean())
+    out.update(selection.stats)
     return out
+
+
+def split_half_spearman(strategy: Strategy, scores: Dict[str, torch.Tensor], n: int, want: int, config) -> Optional[float]:
+    """How reproducible the acquisition ranking is: the Spearman correlation between the acquisitions
+    computed from two independent half estimates of the policy's uncertainty (None when the estimator
+    gives no halves). Its expectation for a strategy that ranks at random is 0; the full estimate's
+    reliability is higher (Spearman-Brown: 2r / (1 + r))."""
+    if "mu_halves" not in scores:
+        return None
+    acquisitions = []
+    for h in (0, 1):
+        half = dict(scores, mu=scores["mu_halves"][h], sigma=scores["sigma_halves"][h])
+        acquisitions.append(strategy.select(half, n, want, config, random.Random(0)).acquisition)
+    r = spearman(*acquisitions)
+    return None if r != r else r
+
+
+class ReliabilityLog:
+    """Per-step split-half reliability of the selection: metrics for the step, a warning the first time
+    the ranking is indistinguishable from random (r below two standard errors of a random ranking,
+    2 / sqrt(n - 1)), and the run's mean for the summary."""
+
+    def __init__(self):
+        self.values: List[float] = []
+        self.warned = False
+
+    def step(self, r: Optional[float], n: int) -> Dict[str, float]:
+        if r is None:
+            return {}
+        self.values.append(r)
+        chance = 2 / math.sqrt(max(n - 1, 1))
+        if r < chance and not self.warned:
+            self.warned = True
+            tqdm.write(f"WARNING: the acquisition ranking is indistinguishable from random (split-half Spearman {r:.2f} "
+                       f"< {chance:.2f}, two standard errors of a random ranking of {n} candidates): selection is not "
+                       "reproducible at these settings (mc_samples, llm_dropout, uncertainty_method)")
+        return {"selection/split_half_spearman": r, "selection/reliability": 2 * r / (1 + r) if r > -1 else -1.0}
+
+    def summary(self) -> Dict[str, float]:
+        return {"selection_split_half_spearman": sum(self.values) / len(self.values)} if self.values else {}
+
+    def state_dict(self) -> Dict:
+        return {"reliability": list(self.values), "reliability_warned": self.warned}
+
+    def load_state_dict(self, state: Dict) -> None:
+        self.values, self.warned = list(state.get("reliability", [])), bool(state.get("reliability_warned", False))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -238,6 +316,9 @@ class PlainSource:
     def progress(self) -> Dict:
         return {}
 
+    def summary(self) -> Dict:
+        return {}
+
     def state_dict(self) -> Dict:
         return {"consumed": self.consumed}
 
@@ -256,6 +337,7 @@ class OfflineActiveSource:
         self.consumed = self.labels = self.scored = 0
         self.warned_short_pool = False
         self.rng = random.Random(int(config.seed) + 2)
+        self.reliability = ReliabilityLog()
 
     def __iter__(self):
         cfg = self.config
@@ -289,6 +371,7 @@ class OfflineActiveSource:
             selected = [pool[i] for i in selection.rows]
             self.labels += len(selected)
             info = selection_stats(selection, scores, len(pool))
+            info.update(self.reliability.step(split_half_spearman(self.strategy, scores, len(pool), want, cfg), len(pool)))
             info.update({"labels": len(selected), "selection/time_s": time.time() - t0,
                          "counters/candidates_scored": self.scored, "counters/labels_used": self.labels})
             yield collate(selected, self.pad_token_id), info
@@ -296,14 +379,19 @@ class OfflineActiveSource:
     def progress(self) -> Dict:
         return {"labels": self.labels, "scored": self.scored}
 
+    def summary(self) -> Dict:
+        return {**self.progress(), **self.reliability.summary()}
+
     def state_dict(self) -> Dict:
         return {"consumed": self.consumed, "labels": self.labels, "scored": self.scored,
-                "rng": list(self.rng.getstate()[1]), "rng_pos": self.rng.getstate()[2], **self.scorer.state_dict()}
+                "rng": list(self.rng.getstate()[1]), "rng_pos": self.rng.getstate()[2], **self.scorer.state_dict(),
+                **self.reliability.state_dict()}
 
     def load_state_dict(self, state: Dict) -> None:
         self.consumed, self.labels, self.scored = state["consumed"], state["labels"], state["scored"]
         self.rng.setstate((3, tuple(state["rng"]), state["rng_pos"]))
         self.scorer.load_state_dict(state)
+        self.reliability.load_state_dict(state)
 
 
 @torch.no_grad()
@@ -357,6 +445,7 @@ class OnlineSource:
         self.oracle, self.ledger = oracle, ledger
         self.consumed = self.labels = self.failures = self.scored = 0
         self.rng = random.Random(int(config.seed) + 2)
+        self.reliability = ReliabilityLog()
 
     def __iter__(self):
         cfg = self.config
@@ -413,6 +502,7 @@ class OnlineSource:
                 elements.append(element)
             self.labels += len(elements)
             info = selection_stats(selection, scores, len(pool))
+            info.update(self.reliability.step(split_half_spearman(self.strategy, scores, len(pool), want, cfg), len(pool)))
             info.update(times)
             info.update({"labels": len(elements), "pairs": labelled, "counters/labels_bought": self.labels,
                          "counters/oracle_failures": self.failures, "counters/prompts_seen": self.consumed,
@@ -426,14 +516,19 @@ class OnlineSource:
     def progress(self) -> Dict:
         return {"labels": self.labels, "failed": self.failures, "scored": self.scored}
 
+    def summary(self) -> Dict:
+        return {**self.progress(), **self.reliability.summary()}
+
     def state_dict(self) -> Dict:
         return {"consumed": self.consumed, "labels": self.labels, "failures": self.failures, "scored": self.scored,
-                "rng": list(self.rng.getstate()[1]), "rng_pos": self.rng.getstate()[2], **self.scorer.state_dict()}
+                "rng": list(self.rng.getstate()[1]), "rng_pos": self.rng.getstate()[2], **self.scorer.state_dict(),
+                **self.reliability.state_dict()}
 
     def load_state_dict(self, state: Dict) -> None:
         self.consumed, self.labels, self.failures, self.scored = state["consumed"], state["labels"], state["failures"], state["scored"]
         self.rng.setstate((3, tuple(state["rng"]), state["rng_pos"]))
         self.scorer.load_state_dict(state)
+        self.reliability.load_state_dict(state)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -243,7 +243,16 @@ def _dropout(hidden: torch.Tensor, p: float, generator: Optional[torch.Generator
 def mc_dropout_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                      k: int, p: float, method: str = "head", chunk_size: Optional[int] = None,
                      generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """MC-dropout estimate of log pi(response | prompt): mean (B,) and unbiased variance (B,), in nats.
+    """MC-dropout estimate of log pi(response | prompt): mean (B,) and unbiased variance (B,), in nats,
+    of the K draws of mc_dropout_samples."""
+    return mean_and_variance(mc_dropout_samples(model, input_ids, attention_mask, labels, k, p, method, chunk_size, generator))
+
+
+@torch.no_grad()
+def mc_dropout_samples(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                       k: int, p: float, method: str = "head", chunk_size: Optional[int] = None,
+                       generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """K MC-dropout draws of log pi(response | prompt): (K, B) summed response log-probs, in nats.
 
     method='head': one trunk pass in eval mode, then K independent dropout masks (rate p) on the final
     hidden state, each projected by the output head. Only response positions are projected: the
@@ -263,9 +272,8 @@ def mc_dropout_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
             hidden, targets, rows, head, transform = _response_hidden(model, input_ids, attention_mask, labels)
         finally:
             model.train(was_training)
-        samples = _sum_per_row(token_logps(_dropout(hidden, p, generator, k), head, targets, chunk_size, transform),
-                               rows, labels.shape[0])
-        return mean_and_variance(samples)
+        return _sum_per_row(token_logps(_dropout(hidden, p, generator, k), head, targets, chunk_size, transform),
+                            rows, labels.shape[0])
 
     seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=generator.device if generator else "cpu"))
     devices = [input_ids.device] if input_ids.device.type == "cuda" else []
@@ -280,29 +288,39 @@ def mc_dropout_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
                 samples.append(_sum_per_row(logps, rows, labels.shape[0]))
     finally:
         model.train(was_training)
-    return mean_and_variance(torch.stack(samples))
+    return torch.stack(samples)
 
 
 # ----------------------------------------------------------------------------------------------
 # Estimators by name, and the one scoring call
 
-Estimator = Callable[..., Tuple[torch.Tensor, torch.Tensor]]
+Estimator = Callable[..., Dict[str, torch.Tensor]]
 
 
 def mc_dropout_estimator(method: str) -> Callable[[object], Estimator]:
-    """An estimator factory: config -> f(model, ids, mask, labels, generator) -> (mean (B,), std (B,))."""
+    """An estimator factory: config -> f(model, ids, mask, labels, generator) -> scores of (B,) sequences:
+    'mu' and 'sigma' (centre and spread of log pi, nats) from all K draws, and, with K >= 4,
+    'mu_halves' and 'sigma_halves' (2, B) from two disjoint halves of the draws: two independent
+    estimates, from which a selection's reproducibility is measured at no extra cost."""
     def build(config) -> Estimator:
         k, p = int(config.mc_samples), float(config.llm_dropout)
 
         def estimate(model, input_ids, attention_mask, labels, generator=None):
-            mu, var = mc_dropout_logps(model, input_ids, attention_mask, labels, k=k, p=p, method=method, generator=generator)
-            return mu, var.sqrt()
+            samples = mc_dropout_samples(model, input_ids, attention_mask, labels, k=k, p=p, method=method, generator=generator)
+            mu, var = mean_and_variance(samples)
+            out = {"mu": mu, "sigma": var.sqrt()}
+            if k >= 4:
+                halves = [mean_and_variance(part) for part in (samples[:k // 2], samples[k // 2:])]
+                out["mu_halves"] = torch.stack([m for m, _ in halves])
+                out["sigma_halves"] = torch.stack([v.sqrt() for _, v in halves])
+            return out
         return estimate
     return build
 
 
-# name -> factory(config) -> estimator. Each estimator returns the centre and the spread (nats) of
-# log pi(a|x) per sequence; selectors read nothing else, so a new estimator is one entry here.
+# name -> factory(config) -> estimator. Each estimator returns at least the centre 'mu' and the spread
+# 'sigma' (nats) of log pi(a|x) per sequence, optionally two independent half estimates; selectors
+# read nothing else, so a new estimator is one entry here.
 ESTIMATORS: Dict[str, Callable[[object], Estimator]] = {
     "head": mc_dropout_estimator("head"),   # one trunk pass, K dropout masks on the final hidden state
     "full": mc_dropout_estimator("full"),   # K full passes with every dropout active (the research code's)
@@ -315,20 +333,19 @@ def score_sequences(policy, reference: Optional[Reference], sequences: List[Dict
     log-prob (skipped when `reference` is None) of each sequence (prompt + one response, as lists).
 
     Minibatched by `batch_size` over the sequences sorted by length, so each minibatch is padded to a
-    length close to its own sequences'. Returns any of mu (S,), sigma (S,), ref (S,): CPU fp32 nats,
-    in the order of `sequences`.
+    length close to its own sequences'. Returns the estimator's keys (mu (S,), sigma (S,), optionally
+    mu_halves / sigma_halves (2, S)) and ref (S,): CPU fp32 nats, in the order of `sequences`.
     """
-    out = {"mu": [], "sigma": [], "ref": []}
+    out: Dict[str, List[torch.Tensor]] = {}
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]["input_ids"]))
     for start in range(0, len(order), batch_size):
         batch = collate([sequences[i] for i in order[start:start + batch_size]], pad_token_id)
         ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
-        if estimator is not None:
-            mu, sigma = estimator(policy, ids, mask, labels, generator=generator)
-            out["mu"].append(mu.float().cpu())
-            out["sigma"].append(sigma.float().cpu())
+        scores = dict(estimator(policy, ids, mask, labels, generator=generator)) if estimator is not None else {}
         if reference is not None:
-            out["ref"].append(reference.logps(ids, mask, labels).float().cpu())
+            scores["ref"] = reference.logps(ids, mask, labels)
+        for key, value in scores.items():
+            out.setdefault(key, []).append(value.float().cpu())
     inverse = torch.empty(len(order), dtype=torch.long)
     inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
-    return {k: torch.cat(v)[inverse] for k, v in out.items() if v}
+    return {k: torch.cat(v, dim=-1)[..., inverse] for k, v in out.items()}

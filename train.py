@@ -219,6 +219,9 @@ def print_summary(summary: Dict) -> None:
     for key in sorted(final):
         if key in first and isinstance(final[key], (int, float)):
             print(f"  {key:32s} before {first[key]:10.4f}   after {final[key]:10.4f}")
+    if "selection_split_half_spearman" in summary:
+        print(f"selection reproducibility (mean split-half Spearman of the acquisition ranking): "
+              f"{summary['selection_split_half_spearman']:.3f}")
     print(f"checkpoint: {summary['checkpoint']}")
 
 

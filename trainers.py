@@ -228,7 +228,7 @@ class BasicTrainer:
         summary = {"exp_name": self.config.exp_name, "steps": self.step, "labels": self.example_counter,
                    "train_time_s": round(time.time() - start, 1), "checkpoint": checkpoint,
                    "first_eval": strip(evals[0]) if evals else {}, "final_eval": strip(evals[-1]) if evals else {},
-                   **self.batch_source.progress()}
+                   **self.batch_source.summary()}
         atomic_write_text(os.path.join(self.run_dir, "summary.json"), json.dumps(summary, indent=2))
         return summary
 

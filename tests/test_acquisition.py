@@ -159,3 +159,47 @@ def test_select_borda_keeps_the_widest_gaps_and_sends_the_best_policy_sample_aga
     b_minus = (sig(-1.0) + 2 * sig(0.0)) / 3
     assert selection.acquisition[0].item() == pytest.approx(0.0, abs=1e-7)
     assert selection.acquisition[1].item() == pytest.approx(b_plus - b_minus, abs=1e-6)
+
+
+def test_spearman_by_hand_with_ties():
+    from data_selection import spearman
+    assert spearman(torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([10.0, 20.0, 30.0, 40.0])) == pytest.approx(1.0)
+    assert spearman(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([3.0, 2.0, 1.0])) == pytest.approx(-1.0)
+    # ranks (0, 1.5, 1.5, 3) against (0, 1, 2, 3): Pearson of the ranks
+    assert spearman(torch.tensor([1.0, 2.0, 2.0, 5.0]), torch.tensor([1.0, 2.0, 3.0, 4.0])) == pytest.approx(4.5 / math.sqrt(4.5 * 5))
+    assert math.isnan(spearman(torch.ones(5), torch.arange(5.0)))
+
+
+@pytest.mark.parametrize("icc", [0.2, 0.8])
+def test_split_half_reliability_recovers_a_known_intraclass_correlation(icc):
+    """Two half estimates = a per-pair signal plus independent noise with ICC = var(signal) / var(total):
+    the halves' Spearman is (6 / pi) asin(ICC / 2) for Gaussian scores."""
+    from data_selection import split_half_spearman
+    g = torch.Generator().manual_seed(0)
+    n = 4000
+    signal = torch.randn(n, generator=g)
+    noise_sd = math.sqrt(1 / icc - 1)
+    halves = torch.stack([signal + noise_sd * torch.randn(n, generator=g) for _ in range(2)])   # (2, n)
+    # US reads the mean variance of the pair: make it exp(half score), a monotone map, for both responses
+    sigma_halves = torch.exp(halves / 2)[..., None].expand(2, n, 2)
+    scores = {"mu": torch.zeros(n, 2), "sigma": torch.ones(n, 2), "mu_halves": torch.zeros(2, n, 2), "sigma_halves": sigma_halves}
+    cfg = type("C", (), {"active_beta": 2.0, "online": False})
+    r = split_half_spearman(STRATEGIES["us"], scores, n, 8, cfg)
+    assert r == pytest.approx(6 / math.pi * math.asin(icc / 2), abs=0.04)
+    assert split_half_spearman(STRATEGIES["us"], {k: v for k, v in scores.items() if "halves" not in k}, n, 8, cfg) is None
+
+
+def test_reliability_log_warns_once_when_selection_is_random(capsys):
+    from data_selection import ReliabilityLog
+    log = ReliabilityLog()
+    assert log.step(0.9, 100) == {"selection/split_half_spearman": 0.9, "selection/reliability": pytest.approx(1.8 / 1.9)}
+    assert "WARNING" not in capsys.readouterr().out
+    log.step(0.1, 100)   # 2 / sqrt(99) = 0.20: indistinguishable from a random ranking
+    log.step(0.05, 100)
+    assert capsys.readouterr().out.count("indistinguishable from random") == 1
+    assert log.summary() == {"selection_split_half_spearman": pytest.approx(0.35)}
+
+
+def test_borda_saturation_share_by_hand():
+    from data_selection import unsaturated_share
+    assert unsaturated_share(torch.tensor([0.01, 0.5, 0.97, 0.2])) == pytest.approx(0.5)

@@ -87,15 +87,22 @@ def test_full_mc_dropout_draws_from_the_generator_it_is_given(tokenizer):
     assert not model.training
 
 
-def test_estimators_return_centre_and_spread_by_name(tokenizer):
+def test_estimators_return_centre_spread_and_two_independent_halves(tokenizer):
     from omegaconf import OmegaConf
+    from scoring import mc_dropout_samples, mean_and_variance
     model = make_tiny_model(tokenizer, seed=6)
     ids = torch.randint(3, len(tokenizer), (2, 10), generator=torch.Generator().manual_seed(6))
     labels = ids.clone()
     labels[:, :3] = -100
-    config = OmegaConf.create({"mc_samples": 3, "llm_dropout": 0.2})
+    mask = torch.ones_like(ids)
     gen = lambda: torch.Generator().manual_seed(9)
-    mu, sigma = ESTIMATORS["head"](config)(model, ids, torch.ones_like(ids), labels, generator=gen())
-    mu2, var2 = mc_dropout_logps(model, ids, torch.ones_like(ids), labels, k=3, p=0.2, generator=gen())
-    assert torch.equal(mu, mu2) and torch.allclose(sigma, var2.sqrt())
-    assert set(ESTIMATORS) >= {"head", "full"}
+    scores = ESTIMATORS["head"](OmegaConf.create({"mc_samples": 5, "llm_dropout": 0.2}))(model, ids, mask, labels, generator=gen())
+    samples = mc_dropout_samples(model, ids, mask, labels, k=5, p=0.2, generator=gen())
+    mu, var = mean_and_variance(samples)
+    assert torch.equal(scores["mu"], mu) and torch.allclose(scores["sigma"], var.sqrt())
+    # halves: draws 0-1 and 2-4, disjoint, so two independent estimates
+    first, second = mean_and_variance(samples[:2]), mean_and_variance(samples[2:])
+    assert torch.allclose(scores["mu_halves"], torch.stack([first[0], second[0]]))
+    assert torch.allclose(scores["sigma_halves"], torch.stack([first[1].sqrt(), second[1].sqrt()]))
+    small = ESTIMATORS["full"](OmegaConf.create({"mc_samples": 3, "llm_dropout": 0.2}))(model, ids, mask, labels, generator=gen())
+    assert set(small) == {"mu", "sigma"}   # too few draws to split

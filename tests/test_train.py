@@ -183,6 +183,11 @@ def test_online_borda_run_counters_are_consistent(tmp_path, monkeypatch):
     last = [r for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if r.get("split") == "train"][-1]
     assert last["counters/labels_bought"] == 30 and last["counters/prompts_seen"] == 60
     assert last["counters/candidates_scored"] == 60 * 6                 # 3 policy + 3 reference samples per prompt
+    # every step reports how reproducible its ranking is, and how saturated the Borda bounds are
+    train = [r for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if r.get("split") == "train"]
+    assert all(-1 <= r["selection/split_half_spearman"] <= 1 and 0 <= r["selection/borda_unsaturated"] <= 1 for r in train)
+    assert summary["selection_split_half_spearman"] == pytest.approx(
+        sum(r["selection/split_half_spearman"] for r in train) / len(train))
     from scripts.online_step_times import step_time_split
     split, n_steps = step_time_split(read_jsonl(os.path.join(run_dir, "metrics.jsonl")))
     parts = dict(split)
@@ -770,13 +775,13 @@ def test_offline_ae_with_full_mc_dropout(tmp_path, pairs, monkeypatch, capsys):
     zero and the run says so."""
     import scoring
     methods = []
-    original = scoring.mc_dropout_logps
+    original = scoring.mc_dropout_samples
 
     def recording(*args, **kwargs):
         methods.append((kwargs["method"], kwargs["k"]))
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(scoring, "mc_dropout_logps", recording)
+    monkeypatch.setattr(scoring, "mc_dropout_samples", recording)
     sigmas = {}
     for dropout in ("0.1", "0.0"):
         methods.clear()
