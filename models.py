@@ -230,7 +230,8 @@ def add_lora(model, config: DictConfig):
     exactly the SFT model; otherwise the reference is the base with adapters disabled."""
     from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
     if config.qlora:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        with quiet_peft():
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     adapter = None
     if config.model.archive:
         candidate = os.path.join(archive_directory(config.model.archive), "adapter")

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf  # noqa: E402
 def export_merged(checkpoint: str, out_dir: str) -> None:
     """checkpoint: a step-N/ or LATEST directory written by the trainer."""
     from transformers import AutoTokenizer
-    from models import archive_directory, load_model
+    from models import archive_directory, load_model, quiet_peft
     directory = archive_directory(checkpoint)
     config = OmegaConf.load(os.path.join(directory, "config.yaml"))
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(directory, "tokenizer"))
@@ -29,7 +29,8 @@ def export_merged(checkpoint: str, out_dir: str) -> None:
     if os.path.isdir(adapter):
         from peft import PeftModel
         model = load_model(config, tokenizer, "float32")
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+        with quiet_peft():
+            model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     else:
         config.model.archive = directory
         model = load_model(config, tokenizer, "float32")
