@@ -57,6 +57,9 @@ def check_config(config: DictConfig) -> None:
         raise ConfigError(f"selection_strategy={config.selection_strategy} needs active=true (offline) or online=true")
     if config.online_loss not in ("dpo", "sft_winner"):
         raise ConfigError(f"online_loss={config.online_loss} is unknown; allowed: dpo, sft_winner")
+    for key in ("seed", "split_seed"):
+        if isinstance(config[key], bool) or not isinstance(config[key], int):
+            raise ConfigError(f"{key}={config[key]} must be an integer")
     if not 0.0 <= float(config.pretrain_fraction) < 1.0:
         raise ConfigError(f"pretrain_fraction={config.pretrain_fraction} must be in [0, 1)")
     if not 0.0 <= float(config.llm_dropout) < 1.0:
