@@ -644,8 +644,8 @@ def _cached_dataset(name, split, seed, data_file, cache_dir, silent, stamp, spli
 def get_dataset(name: str, split: str, seed: int = 0, data_file: Optional[str] = None,
                 cache_dir: Optional[str] = None, silent: bool = False, split_seed: int = 0) -> Dict[str, PromptData]:
     """`_load_dataset`, memoised per process (keyed by the file's mtime and size, so an edited file is
-    read again): the config check, the tokenizer build and each iterator share one parse.
-    Treat the result as read-only."""
+    read again): the jobs of a `-m` sweep in one process parse each file once. Treat the result as
+    read-only."""
     stamp = _file_stamp(name if name not in DATASET_NAMES else data_file)
     return _cached_dataset(name, split, seed, data_file, cache_dir, silent, stamp, split_seed)
 
