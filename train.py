@@ -149,6 +149,10 @@ def check_archive_data(config: DictConfig, data) -> None:
     if not os.path.exists(path):
         return  # a bare policy.pt from elsewhere: nothing says what it saw
     stage = OmegaConf.load(path)
+    missing = [key for key in ("datasets", "dataset_files", "pretrain_fraction", "loss", "online") if key not in stage]
+    if missing:
+        raise ConfigError(f"model.archive={config.model.archive}: its config.yaml ({path}) lacks {', '.join(missing)}, so what "
+                          "it trained on is unknown; set allow_archive_overlap=true to start from it anyway")
     stage_split_seed = int(stage.get("split_seed", stage.get("seed", 0)))
     try:
         stage_data = load_datasets(list(stage.datasets), "train", seed=int(stage.seed), split_seed=stage_split_seed,

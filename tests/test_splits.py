@@ -82,3 +82,17 @@ def test_an_archive_split_by_another_seed_is_refused_for_its_test_overlap(tmp_pa
     with pytest.raises(ConfigError, match=r"of its \d+ test prompts \(archive: split_seed=3") as info:
         run(stage(tmp_path, pairs, "loss=dpo", "exp_name=dpo", "n_examples=4", f"model.archive={archive}"))
     assert "0 of its" not in str(info.value).split("pool prompts and")[1]
+
+
+def test_an_archive_config_that_does_not_say_what_it_trained_on_is_one_line(tmp_path, pairs):
+    sft = run(stage(tmp_path, pairs, "loss=sft", "exp_name=sft", "n_epochs=1"))
+    config_path = os.path.join(sft["checkpoint"], "config.yaml")
+    with open(config_path) as f:
+        saved = yaml.safe_load(f)
+    del saved["datasets"]
+    with open(config_path, "w") as f:
+        yaml.safe_dump(saved, f)
+    archive = os.path.dirname(sft["checkpoint"])
+    with pytest.raises(ConfigError, match="lacks datasets") as info:
+        run(stage(tmp_path, pairs, "loss=dpo", "exp_name=dpo", "n_examples=4", f"model.archive={archive}"))
+    assert "\n" not in str(info.value) and "allow_archive_overlap" in str(info.value)

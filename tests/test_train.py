@@ -35,6 +35,24 @@ def record_batches(monkeypatch):
     return seen
 
 
+def run_killed_at_step(monkeypatch, tmp_path, overrides, step):
+    """Run `overrides` as exp_name=cut, interrupted when it reaches `step` (after the checkpoints of the
+    steps before it); returns its run directory. Patches set before the call stay in effect during it."""
+    from trainers import BasicTrainer
+    original = BasicTrainer.train_step
+
+    def crash(self, batch):
+        if self.step == step:
+            raise KeyboardInterrupt
+        return original(self, batch)
+
+    monkeypatch.setattr(BasicTrainer, "train_step", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run(compose_config(overrides + ["exp_name=cut"]))
+    monkeypatch.undo()
+    return glob.glob(f"{tmp_path}/runs/cut_*")[0]
+
+
 @pytest.fixture
 def pairs(tmp_path):
     return write_synthetic_pairs(tmp_path / "pairs.jsonl")
@@ -242,7 +260,6 @@ RESUME_CASES = {
 def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, pairs, monkeypatch, case):
     """Crash after step 4 (the last checkpoint is at 6 labels = step 3), resume: the resumed run draws
     the batches the uninterrupted run drew, buys no label twice, and ends with the same weights."""
-    from trainers import BasicTrainer
     from train import resume_config
     base = tiny_overrides(tmp_path, f"datasets=[{pairs}]", "loss=dpo", *RESUME_CASES[case])
     seen_full = record_batches(monkeypatch)
@@ -250,18 +267,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, pairs, mon
     monkeypatch.undo()
 
     seen_cut = record_batches(monkeypatch)
-    original = BasicTrainer.train_step
-
-    def crash_at_step_4(self, batch):
-        if self.step == 4:
-            raise KeyboardInterrupt
-        return original(self, batch)
-
-    monkeypatch.setattr(BasicTrainer, "train_step", crash_at_step_4)
-    with pytest.raises(KeyboardInterrupt):
-        run(compose_config(base + ["exp_name=cut"]))
-    monkeypatch.undo()
-    run_dir = glob.glob(f"{tmp_path}/runs/cut_*")[0]
+    run_dir = run_killed_at_step(monkeypatch, tmp_path, base, 4)
     seen_resumed = record_batches(monkeypatch)
     resumed = run(resume_config(run_dir))
     assert seen_cut[:3] + seen_resumed == seen_full
@@ -541,7 +547,6 @@ def test_resume_mid_warmup_restores_the_learning_rate_schedule(tmp_path, pairs, 
     """warmup_steps=5: the checkpoint at step 2 is mid-warmup. Killed at step 3 and resumed, the run
     logs the learning rate of the uninterrupted run at every step and ends with its weights. The lr
     logged after step s is the one the next step uses: lr * min(1, (s + 1) / (warmup_steps + 1))."""
-    from trainers import BasicTrainer
     from train import resume_config
     base = tiny_overrides(tmp_path, f"datasets=[{pairs}]", "loss=dpo", "warmup_steps=5", "batch_size=2", "n_examples=12",
                           "eval_every=4", "do_first_eval=false", "n_eval_examples=2")
@@ -551,18 +556,7 @@ def test_resume_mid_warmup_restores_the_learning_rate_schedule(tmp_path, pairs, 
         return [(r["step"], r["lr"]) for r in records if r.get("split") == "train"]
 
     full = run(compose_config(base + ["exp_name=full"]))
-    original = BasicTrainer.train_step
-
-    def crash_at_step_3(self, batch):
-        if self.step == 3:
-            raise KeyboardInterrupt
-        return original(self, batch)
-
-    monkeypatch.setattr(BasicTrainer, "train_step", crash_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        run(compose_config(base + ["exp_name=cut"]))
-    monkeypatch.undo()
-    run_dir = glob.glob(f"{tmp_path}/runs/cut_*")[0]
+    run_dir = run_killed_at_step(monkeypatch, tmp_path, base, 3)
     assert os.readlink(os.path.join(run_dir, "LATEST")) == "step-2"
     resumed = run(resume_config(run_dir))
     lr = 3e-3
