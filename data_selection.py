@@ -22,7 +22,7 @@ from tqdm import tqdm
 from oracles import LEDGER_FILENAME, Ledger, Query, judge_with_budget
 from preference_datasets import (Datasets, collate, iterate_elements, iterate_prompts, load_datasets, pair_element,
                                  tokenize_prompt, tokenize_response, truncation_mode_for)
-from scoring import ESTIMATORS, score_sequences
+from scoring import ESTIMATORS, policy_logps, score_sequences
 
 
 # ----------------------------------------------------------------------------------------------
@@ -133,6 +133,21 @@ def select_ae(scores, n: int, want: int, config, rng) -> Selection:
     return Selection(top_k(acquisition, want), acquisition=acquisition)
 
 
+def dpo_losses(mu: torch.Tensor, ref: torch.Tensor, first_is_rejected: torch.Tensor, beta: float) -> torch.Tensor:
+    """The current DPO loss of each pair: mu, ref (P, 2) policy and reference log-probs of the two
+    responses in scoring order, first_is_rejected (P,) bool (the labels). Returns (P,)."""
+    margin = (mu[:, 0] - ref[:, 0]) - (mu[:, 1] - ref[:, 1])
+    margin = torch.where(first_is_rejected, -margin, margin)
+    return -torch.nn.functional.logsigmoid(beta * margin)
+
+
+def select_headroom(scores, n: int, want: int, config, rng) -> Selection:
+    """Headroom check, NOT deployable: reads the labels. The pairs with the largest current DPO loss
+    (those the policy misranks most), to measure how much any selection could beat uniform."""
+    acquisition = dpo_losses(scores["mu"], scores["ref"], scores["first_is_rejected"], float(config.loss.beta))
+    return Selection(top_k(acquisition, want), acquisition=acquisition)
+
+
 def select_borda(scores, n: int, want: int, config, rng: random.Random) -> Selection:
     """AE-Borda: scores (P, 2m), the m policy samples first. Keeps the `want` prompts with the largest
     Borda gap; per prompt, the policy sample with the largest b+ against a uniformly drawn reference sample."""
@@ -156,10 +171,15 @@ class Strategy:
     needs_spread: reads the estimator's centre and spread of log pi (so mc_samples >= 2).
     needs_reference: reads reference log-probs. scores_pool: draws batch_size * selection_ratio
     candidates (False: exactly batch_size, the ratio has no effect). one_sample: online, one policy and
-    one reference sample per prompt instead of num_action_samples. ratio_one: requires selection_ratio=1."""
+    one reference sample per prompt instead of num_action_samples. ratio_one: requires selection_ratio=1.
+    needs_policy: reads the policy's deterministic log-probs 'mu' without a spread. uses_labels: reads
+    the pool's labels ('first_is_rejected'), so it is a measuring stick, never a deployable selector;
+    no other strategy is handed the labels."""
     mode: str
     select: Callable[..., Selection]
     needs_spread: bool = False
+    needs_policy: bool = False
+    uses_labels: bool = False
     needs_reference: bool = False
     scores_pool: bool = True
     one_sample: bool = False
@@ -170,9 +190,24 @@ STRATEGIES: Dict[str, Strategy] = {
     "uniform": Strategy("offline", select_first, scores_pool=False),
     "us": Strategy("offline", select_us, needs_spread=True),
     "ae": Strategy("offline", select_ae, needs_spread=True, needs_reference=True),
+    "headroom": Strategy("offline", select_headroom, needs_policy=True, needs_reference=True, uses_labels=True),
     "uniref": Strategy("online", select_first, scores_pool=False, one_sample=True, ratio_one=True),
     "borda": Strategy("online", select_borda, needs_spread=True, needs_reference=True),
 }
+
+
+def scores_policy(strategy: Strategy) -> bool:
+    return strategy.needs_spread or strategy.needs_policy
+
+
+def selection_view(scores: Dict[str, torch.Tensor], config) -> Dict[str, torch.Tensor]:
+    """What the selector sees: the scores, per response token when config.length_normalize (log-probs,
+    spreads and reference log-probs divided by each response's token count, so long responses are not
+    favoured for their length alone). The raw reference log-probs still go to the DPO step."""
+    if not config.length_normalize or "n_tokens" not in scores:
+        return scores
+    n = scores["n_tokens"].clamp(min=1)
+    return {k: (v / n if k in ("mu", "sigma", "ref", "mu_halves", "sigma_halves") else v) for k, v in scores.items()}
 
 
 def strategy_names(mode: str) -> List[str]:
@@ -206,7 +241,8 @@ class CandidateScorer:
     def __init__(self, strategy: Strategy, policy, reference, config, pad_token_id: int, device, seed: int):
         self.strategy, self.policy, self.reference, self.config = strategy, policy, reference, config
         self.pad_token_id, self.device = pad_token_id, device
-        self.estimator = ESTIMATORS[config.uncertainty_method](config) if strategy.needs_spread else None
+        self.estimator = (ESTIMATORS[config.uncertainty_method](config) if strategy.needs_spread
+                          else policy_logps if strategy.needs_policy else None)
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
         self.warned_zero_spread = False
@@ -224,11 +260,25 @@ class CandidateScorer:
                        "uncertainty_method=head?); the acquisition ranks ties, i.e. selection is not active.")
         return scores
 
+    def observe(self, scores: Dict[str, torch.Tensor], pairs: List[Tuple[int, int, int]]) -> None:
+        """Tell an estimator that learns from bought labels (laplace) which pairs were bought: (row, column
+        of one response, column of the other) into the scores' (P, columns) view. It reads their features,
+        never which one won."""
+        if pairs and hasattr(self.estimator, "observe") and "psi" in scores:
+            psi = scores["psi"]                                   # (H, P, columns)
+            self.estimator.observe(torch.stack([psi[:, r, a] for r, a, _ in pairs]),
+                                   torch.stack([psi[:, r, b] for r, _, b in pairs]))
+
     def state_dict(self) -> Dict:
-        return {"generator": self.generator.get_state()}
+        state = {"generator": self.generator.get_state()}
+        if hasattr(self.estimator, "state_dict"):
+            state.update(self.estimator.state_dict())
+        return state
 
     def load_state_dict(self, state: Dict) -> None:
         self.generator.set_state(state["generator"])
+        if hasattr(self.estimator, "load_state_dict"):
+            self.estimator.load_state_dict(state)
 
 
 def selection_stats(selection: Selection, scores: Dict[str, torch.Tensor], n: int) -> Dict[str, float]:
@@ -358,11 +408,15 @@ class OfflineActiveSource:
             t0 = time.time()
             scores: Dict[str, torch.Tensor] = {}
             flipped: List[bool] = []
-            if self.strategy.needs_spread or self.strategy.needs_reference:
+            if scores_policy(self.strategy) or self.strategy.needs_reference:
                 sequences, flipped = pair_sequences(pool)
                 scores = self.scorer(sequences, columns=2)
                 self.scored += len(pool)
-            selection = self.strategy.select(scores, len(pool), want, cfg, self.rng)
+            view = selection_view(scores, cfg)
+            if self.strategy.uses_labels:
+                view = dict(view, first_is_rejected=torch.tensor(flipped, dtype=torch.bool))
+            selection = self.strategy.select(view, len(pool), want, cfg, self.rng)
+            self.scorer.observe(scores, [(i, 0, 1) for i in selection.rows])
             if "ref" in scores:
                 for i in selection.rows:
                     first, second = float(scores["ref"][i, 0]), float(scores["ref"][i, 1])
@@ -370,8 +424,10 @@ class OfflineActiveSource:
                         (second, first) if flipped[i] else (first, second))
             selected = [pool[i] for i in selection.rows]
             self.labels += len(selected)
-            info = selection_stats(selection, scores, len(pool))
-            info.update(self.reliability.step(split_half_spearman(self.strategy, scores, len(pool), want, cfg), len(pool)))
+            info = selection_stats(selection, view, len(pool))
+            info.update(self.reliability.step(split_half_spearman(self.strategy, view, len(pool), want, cfg), len(pool)))
+            if self.strategy.uses_labels:
+                info["selection/uses_labels"] = 1.0
             info.update({"labels": len(selected), "selection/time_s": time.time() - t0,
                          "counters/candidates_scored": self.scored, "counters/labels_used": self.labels})
             yield collate(selected, self.pad_token_id), info
@@ -380,7 +436,8 @@ class OfflineActiveSource:
         return {"labels": self.labels, "scored": self.scored}
 
     def summary(self) -> Dict:
-        return {**self.progress(), **self.reliability.summary()}
+        return {**self.progress(), **self.reliability.summary(),
+                **({"selection_uses_labels": True} if self.strategy.uses_labels else {})}
 
     def state_dict(self) -> Dict:
         return {"consumed": self.consumed, "labels": self.labels, "scored": self.scored,
@@ -474,10 +531,11 @@ class OnlineSource:
 
             t0 = time.time()
             scores: Dict[str, torch.Tensor] = {}
-            if self.strategy.needs_spread or self.strategy.needs_reference:
+            if scores_policy(self.strategy) or self.strategy.needs_reference:
                 scores = self.scorer([seq for row in candidates for _, seq in row], columns=2 * m)
                 self.scored += len(pool) * 2 * m
-            selection = self.strategy.select(scores, len(pool), want, cfg, self.rng)
+            view = selection_view(scores, cfg)
+            selection = self.strategy.select(view, len(pool), want, cfg, self.rng)
             times["time/scoring_s"] = time.time() - t0
 
             t0 = time.time()
@@ -487,12 +545,13 @@ class OnlineSource:
             judgments = judge_with_budget(self.oracle, queries, self.ledger, cfg.oracle.get("max_queries"))
             times["time/oracle_s"] = time.time() - t0
 
-            elements, labelled, budget_spent = [], [], False
+            elements, labelled, bought, budget_spent = [], [], [], False
             for (i, a, b), judgment in zip(picked, judgments):
                 if judgment.winner is None:
                     self.failures += 1
                     budget_spent |= judgment.error == "budget"
                     continue
+                bought.append((i, a, b))
                 winner, loser = (a, b) if judgment.winner == "A" else (b, a)
                 element = pair_element(pool[i][1], prompt_ids[i], {"chosen": candidates[i][winner], "rejected": candidates[i][loser]})
                 if "ref" in scores:
@@ -501,8 +560,9 @@ class OnlineSource:
                 labelled.append([pool[i][1], element["chosen"], element["rejected"]])
                 elements.append(element)
             self.labels += len(elements)
-            info = selection_stats(selection, scores, len(pool))
-            info.update(self.reliability.step(split_half_spearman(self.strategy, scores, len(pool), want, cfg), len(pool)))
+            self.scorer.observe(scores, bought)
+            info = selection_stats(selection, view, len(pool))
+            info.update(self.reliability.step(split_half_spearman(self.strategy, view, len(pool), want, cfg), len(pool)))
             info.update(times)
             info.update({"labels": len(elements), "pairs": labelled, "counters/labels_bought": self.labels,
                          "counters/oracle_failures": self.failures, "counters/prompts_seen": self.consumed,
@@ -585,6 +645,9 @@ def build_source(config, data: Dict[str, Datasets], policy, reference, tokenizer
     kwargs = data_kwargs(config, tokenizer)
     if config.online or config.active:
         strategy = STRATEGIES[config.selection_strategy]
+        if strategy.uses_labels:
+            tqdm.write(f"NOTE: selection_strategy={config.selection_strategy} reads the pool's labels: a headroom check "
+                       "(how much any selection could beat uniform), not a method you can deploy")
         scorer = CandidateScorer(strategy, policy, reference, config, tokenizer.pad_token_id, device, seed=int(config.seed) + 1)
     if config.online:
         # online budgets count labels bought, so the prompt stream cycles until the budget is spent

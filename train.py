@@ -36,7 +36,7 @@ def check_config(config: DictConfig) -> None:
         raise ConfigError("loss=sft cannot be combined with active=true or online=true; use loss=dpo (or ipo)")
     if config.active or config.online:
         from data_selection import STRATEGIES, strategy_names
-        from scoring import ESTIMATORS
+        from scoring import ESTIMATORS, MONTE_CARLO_ESTIMATORS
         mode = "online" if config.online else "offline"
         allowed = strategy_names(mode)
         if config.selection_strategy is None:
@@ -51,7 +51,7 @@ def check_config(config: DictConfig) -> None:
             raise ConfigError(f"selection_strategy={config.selection_strategy} requires selection_ratio=1 (got {config.selection_ratio})")
         if config.uncertainty_method not in ESTIMATORS:
             raise ConfigError(f"uncertainty_method={config.uncertainty_method} is unknown; allowed: {', '.join(ESTIMATORS)}")
-        if strategy.needs_spread and int(config.mc_samples) < 2:
+        if strategy.needs_spread and config.uncertainty_method in MONTE_CARLO_ESTIMATORS and int(config.mc_samples) < 2:
             raise ConfigError(f"mc_samples={config.mc_samples} must be >= 2 to estimate a variance")
     elif config.selection_strategy is not None:
         raise ConfigError(f"selection_strategy={config.selection_strategy} needs active=true (offline) or online=true")

@@ -188,14 +188,14 @@ def hh_dpo(args, strategy: str) -> List[str]:
 
 
 TASK_SPECS = {
-    "jeopardy": Task("jeopardy", ["uniform", "us", "ae"],
+    "jeopardy": Task("jeopardy", ["uniform", "us", "ae", "headroom"],
                      ["jeopardy/wrong_rate", "jeopardy/abstain_rate", "jeopardy/correct_rate", "rewards_eval/accuracies"],
                      jeopardy_dpo),
     "haikus": Task("haikus", ["uniref", "borda"],
                    ["haiku/strict_valid_rate", "haiku/three_line_rate", "haiku/mean_syllable_distance",
                     "haiku/keyword_inclusion_rate", "win_rate/win_rate"],
                    haiku_dpo, sft=haiku_sft, prepare=write_strict_haikus),
-    "hh": Task("hh", ["uniform", "us", "ae"], ["rewards_eval/accuracies", "loss/eval"],
+    "hh": Task("hh", ["uniform", "us", "ae", "headroom"], ["rewards_eval/accuracies", "loss/eval"],
                hh_dpo, sft=hh_sft, sft_per_seed=True),
 }
 
@@ -292,6 +292,7 @@ def run_task(task: Task, args) -> None:
     start = time.time()
     if task.prepare is not None and not args.dry_run:
         task.prepare(args)
+    strategies = args.strategies or task.strategies
     shared_sft = None
     if task.sft is not None and not task.sft_per_seed:
         shared_sft = runner.ensure(sft_base, f"{task.name}_sft", task.sft(args), keep_final_weights=True)
@@ -300,16 +301,18 @@ def run_task(task: Task, args) -> None:
         if task.sft is not None and task.sft_per_seed:
             archive = runner.ensure(sft_base, f"{task.name}_sft_s{seed}", [*task.sft(args), f"seed={seed}"],
                                     keep_final_weights=True)
-        for strategy in task.strategies:
-            overrides = [*task.dpo(args, strategy), f"seed={seed}", *args.set]
+        for spec in strategies:
+            strategy, _, estimator = spec.partition("/")
+            overrides = [*task.dpo(args, strategy), *([f"uncertainty_method={estimator}"] if estimator else []),
+                         f"seed={seed}", *args.set]
             if task.sft is not None:
                 overrides.append(f"model.archive={archive or '<SFT run directory>'}")
-            runner.ensure(runs, f"{task.name}_{strategy}_s{seed}", overrides)
+            runner.ensure(runs, f"{task.name}_{spec.replace('/', '-')}_s{seed}", overrides)
     if args.dry_run:
         return
     print(f"{task.name}: all runs finished; {time.time() - start:.0f} s in this invocation")
     compare = [sys.executable, os.path.join(ROOT, "scripts", "compare_runs.py"), runs, "--out", out,
-               "--baseline", task.strategies[0], "--metrics", ",".join(task.metrics)]
+               "--baseline", strategies[0], "--metrics", ",".join(task.metrics)]
     print("$ " + " ".join(compare), flush=True)
     if subprocess.call(compare, cwd=ROOT) != 0:
         sys.exit(f"{task.name}: compare_runs failed")
@@ -319,6 +322,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", required=True, choices=[*TASKS, "all"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--strategies", nargs="+", help="strategies to run, the baseline first, each optionally with "
+                        "its estimator: e.g. uniform ae/head_analytic ae/laplace headroom (default: the task's)")
     parser.add_argument("--labels", type=int, help="label budget of each preference run (default: per task and device)")
     parser.add_argument("--evals", type=int, help="evaluations after the first one (eval_every = labels / evals)")
     parser.add_argument("--n-eval", type=int, help="held-out pairs scored at each eval (n_eval_examples)")

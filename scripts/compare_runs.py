@@ -82,8 +82,18 @@ def find_run_dirs(path: str) -> List[str]:
 
 
 def strategy_of(config: Dict[str, Any]) -> str:
-    """The run's selection_strategy, or 'none' for plain SFT/DPO."""
-    return config.get("selection_strategy") or "none"
+    """The run's selection_strategy ('none' for plain SFT/DPO), with its estimator when it reads one
+    ('ae/laplace'), and marked '(uses labels)' when it reads the labels (a headroom check, not a method)."""
+    name = config.get("selection_strategy")
+    if not name:
+        return "none"
+    from data_selection import STRATEGIES
+    strategy = STRATEGIES.get(name)
+    if strategy is not None and strategy.needs_spread and config.get("uncertainty_method"):
+        name = f"{name}/{config['uncertainty_method']}"
+    if strategy is not None and strategy.uses_labels:
+        name = f"{name} (uses labels)"
+    return name
 
 
 def make_run(path: str, config: Dict[str, Any], records: List[Dict[str, Any]]) -> Run:

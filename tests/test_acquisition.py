@@ -203,3 +203,34 @@ def test_reliability_log_warns_once_when_selection_is_random(capsys):
 def test_borda_saturation_share_by_hand():
     from data_selection import unsaturated_share
     assert unsaturated_share(torch.tensor([0.01, 0.5, 0.97, 0.2])) == pytest.approx(0.5)
+
+
+def test_headroom_picks_the_pairs_the_policy_misranks_most_and_reads_the_labels():
+    from omegaconf import OmegaConf
+    # implicit-reward margin of the chosen response over the rejected one, per pair: 0, -1, -3, -2
+    mu = torch.tensor([[0.0, 0.0], [-1.0, 0.0], [0.0, -3.0], [2.0, 0.0]])
+    first_is_rejected = torch.tensor([False, False, True, True])
+    cfg = OmegaConf.create({"loss": {"beta": 1.0}})
+    scores = {"mu": mu, "ref": torch.zeros(4, 2), "first_is_rejected": first_is_rejected}
+    selection = STRATEGIES["headroom"].select(scores, 4, 2, cfg, None)
+    assert selection.rows == [2, 3]
+    assert selection.acquisition.tolist() == pytest.approx([-math.log(torch.sigmoid(torch.tensor(m)).item())
+                                                            for m in (0.0, -1.0, -3.0, -2.0)], abs=1e-5)
+    flipped = STRATEGIES["headroom"].select(dict(scores, first_is_rejected=~first_is_rejected), 4, 2, cfg, None)
+    assert flipped.rows == [0, 1]       # other labels, other pairs: it is not a deployable selector
+    assert [name for name, s in STRATEGIES.items() if s.uses_labels] == ["headroom"]
+
+
+def test_length_normalize_ranks_by_per_token_spread():
+    from omegaconf import OmegaConf
+    from data_selection import selection_view
+    # pair 0: long responses, larger total spread; pair 1: short ones, larger spread per token
+    scores = {"mu": torch.tensor([[-40.0, -40.0], [-2.0, -2.0]]), "sigma": torch.tensor([[4.0, 4.0], [1.0, 1.0]]),
+              "ref": torch.tensor([[-40.0, -40.0], [-2.0, -2.0]]), "n_tokens": torch.tensor([[40.0, 40.0], [2.0, 2.0]])}
+    for normalize, winner in ((False, 0), (True, 1)):
+        cfg = OmegaConf.create({"length_normalize": normalize, "active_beta": 2.0, "online": False})
+        view = selection_view(scores, cfg)
+        for name in ("ae", "us"):
+            assert STRATEGIES[name].select(view, 2, 1, cfg, None).rows == [winner]
+    view = selection_view(scores, OmegaConf.create({"length_normalize": True}))
+    assert torch.allclose(view["sigma"], torch.tensor([[0.1, 0.1], [0.5, 0.5]])) and view["n_tokens"] is scores["n_tokens"]

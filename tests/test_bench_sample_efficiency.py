@@ -27,8 +27,8 @@ def test_dry_run_prints_every_run_as_a_valid_config(tmp_path, capsys):
     assert bench.main(["--task", "all", "--seeds", "0", "1", "--out", str(tmp_path), "--dry-run",
                        "--set", "lr=1e-4"]) == 0
     runs = train_overrides(capsys.readouterr().out)
-    # jeopardy: 3 strategies x 2 seeds; haikus: 1 shared SFT + 2 x 2; hh: an SFT per seed + 3 x 2
-    assert len(runs) == 6 + 5 + 8
+    # jeopardy: 4 strategies (headroom included) x 2 seeds; haikus: 1 shared SFT + 2 x 2; hh: an SFT per seed + 4 x 2
+    assert len(runs) == 8 + 5 + 10
     names = [next(o for o in overrides if o.startswith("exp_name=")) for overrides in runs]
     assert len(set(names)) == len(names)
     for overrides in runs:
@@ -43,6 +43,17 @@ def test_dry_run_prints_every_run_as_a_valid_config(tmp_path, capsys):
                        "--dry-run"]) == 0
     sft, *dpo = train_overrides(capsys.readouterr().out)
     assert "seed=3" in sft and all("n_examples=64" in o and "eval_every=32" in o for o in dpo)
+
+
+def test_strategies_carry_their_estimator(tmp_path, capsys):
+    from train import check_config
+    assert bench.main(["--task", "jeopardy", "--seeds", "0", "--out", str(tmp_path), "--dry-run",
+                       "--strategies", "uniform", "ae/laplace", "ae/head_analytic", "headroom"]) == 0
+    configs = [compose_config(o) for o in train_overrides(capsys.readouterr().out)]
+    for config in configs:
+        check_config(config)
+    assert [(c.selection_strategy, c.uncertainty_method) for c in configs][1:3] == [("ae", "laplace"), ("ae", "head_analytic")]
+    assert len({c.exp_name for c in configs}) == 4
 
 
 def test_bad_arguments_are_one_line_errors(tmp_path, capsys):

@@ -62,7 +62,8 @@ def test_demo_preset_passes_checks():
     (["loss=dpo", "datasets=[haikus]"], "has no preference pairs"),
     (["model=blank_model"], "required key model.name_or_path is missing"),
     (["loss=dpo", "split_seed=abc"], "split_seed=abc must be an integer"),
-    (["loss=dpo", "active=true", "uncertainty_method=laplace"], "uncertainty_method=laplace is unknown; allowed: head, full"),
+    (["loss=dpo", "active=true", "uncertainty_method=ensemble"],
+     "uncertainty_method=ensemble is unknown; allowed: head, full, head_analytic, laplace"),
 ])
 def test_config_errors_are_one_line(overrides, needle):
     overrides = overrides + ([] if any(o.startswith("exp_name") for o in overrides) else ["exp_name=x"])

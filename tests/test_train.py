@@ -249,6 +249,8 @@ def test_online_budget_stops_buying_at_max_queries(tmp_path):
 RESUME_CASES = {
     "offline_ae_full": ["active=true", "selection_strategy=ae", "batch_size=2", "selection_ratio=3", "n_examples=14",
                         "eval_every=6", "llm_dropout=0.1"],
+    "offline_ae_laplace": ["active=true", "selection_strategy=ae", "uncertainty_method=laplace", "laplace_prior_std=100",
+                           "batch_size=2", "selection_ratio=3", "n_examples=14", "eval_every=6"],
     "online_borda_lora": ["datasets=[haikus]", f"dataset_files.haikus={ROOT}/data/haiku_keywords.txt", "online=true",
                           "selection_strategy=borda", "oracle=haiku", "lora=true", "batch_size=2", "selection_ratio=2",
                           "num_action_samples=2", "n_examples=14", "eval_every=6", "generation.max_new_tokens=8",
@@ -362,9 +364,11 @@ def test_activation_checkpointing_recomputes_blocks_and_trains_the_same(tmp_path
                                           "activation_checkpointing=true", "model.block_name=Nope")))
 
 
-@pytest.mark.parametrize("strategy", ["ae", "us"])
-def test_selection_never_reads_the_labels(tmp_path, pairs, monkeypatch, strategy):
-    """Swapping chosen and rejected in the data leaves the selected prompts unchanged."""
+@pytest.mark.parametrize("strategy, estimator", [("ae", "head"), ("us", "head"), ("ae", "head_analytic"),
+                                                 ("ae", "laplace"), ("us", "laplace")])
+def test_selection_never_reads_the_labels(tmp_path, pairs, monkeypatch, strategy, estimator):
+    """Swapping chosen and rejected in the data leaves the selected prompts unchanged, for every deployable
+    selector and estimator (laplace also learns from the pairs bought, never from which side won)."""
     swapped = tmp_path / "swapped.jsonl"
     with open(pairs) as f, open(swapped, "w") as g:
         for line in f:
@@ -377,7 +381,8 @@ def test_selection_never_reads_the_labels(tmp_path, pairs, monkeypatch, strategy
         # lr=0: the policy stays put, so both runs score with the same model
         run(compose_config(tiny_overrides(tmp_path, f"datasets=[{data}]", "loss=dpo", f"exp_name={strategy}", "active=true",
                                           f"selection_strategy={strategy}", "batch_size=3", "selection_ratio=3",
-                                          "n_examples=12", "lr=0", "llm_dropout=0.1")))
+                                          "n_examples=12", "lr=0", "llm_dropout=0.1", f"uncertainty_method={estimator}",
+                                          "laplace_prior_std=100")))
         selections.append(seen)
         monkeypatch.undo()
     assert [len(b) for b in selections[0]] == [3, 3, 3, 3]
@@ -833,3 +838,27 @@ def test_online_borda_with_a_separate_reference_model_keeps_it_frozen(tmp_path, 
     assert all(torch.equal(held["reference"][k], after[k]) for k in after)
     policy_after = trainer.policy.state_dict()
     assert any(not torch.allclose(held["policy"][k], policy_after[k]) for k in policy_after)
+
+
+def test_headroom_runs_only_by_name_and_is_marked_as_reading_labels(tmp_path, pairs, capsys):
+    """The label-using headroom check says so at the start, in every step's metrics and in the summary,
+    counts labels like any selector, and compare_runs names it as such; a deployable run carries no mark."""
+    from scripts.compare_runs import strategy_of
+    summaries = {}
+    for strategy in ("headroom", "ae"):
+        summaries[strategy] = run(compose_config(tiny_overrides(
+            tmp_path, f"datasets=[{pairs}]", "loss=dpo", f"exp_name={strategy}", "active=true",
+            f"selection_strategy={strategy}", "batch_size=3", "selection_ratio=3", "n_examples=12", "llm_dropout=0.1")))
+    assert "reads the pool's labels" in capsys.readouterr().out
+    for strategy, summary in summaries.items():
+        run_dir = os.path.dirname(summary["checkpoint"])
+        steps = [r for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if "counters/labels_used" in r]
+        assert summary["labels"] == 12 and len(steps) == 4
+        import yaml
+        config = yaml.safe_load(open(os.path.join(run_dir, "config.yaml")))
+        if strategy == "headroom":
+            assert all(r["selection/uses_labels"] == 1.0 for r in steps) and summary["selection_uses_labels"] is True
+            assert strategy_of(config) == "headroom (uses labels)"
+        else:
+            assert not any("selection/uses_labels" in r for r in steps) and "selection_uses_labels" not in summary
+            assert strategy_of(config) == "ae/head"
