@@ -52,3 +52,16 @@ def test_bench_step_without_trl_exits_2(monkeypatch, capsys):
         run_script(monkeypatch, capsys, "bench_step", *TINY)
     assert exit_info.value.code == 2
     assert "trl is not installed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("task", ["jeopardy", "haikus"])
+def test_bench_reliability(monkeypatch, capsys, tmp_path, task):
+    out = run_script(monkeypatch, capsys, "bench_reliability", "--model", "tiny", "--task", task, "--threads", "1",
+                     "--cache-dir", str(tmp_path), "--jeopardy-file", os.path.join(FIXTURES, "jeopardy.json"),
+                     "--data-dir", str(tmp_path), "--pairs", "6", "--prompts", "3", "--truth-k", "250",
+                     "--truth-sequences", "4", "--authors-k", "5",
+                     "--settings", "paper: head K=5 p=0.05", "head_analytic p=0.05", "laplace")
+    assert "| head_analytic p=0.05 | 1.000 |" in out and "| laplace | 1.000 |" in out
+    assert "authors' K=5:" in out
+    if task == "jeopardy":
+        assert "| 8 exact dims per token |" in out
