@@ -82,13 +82,14 @@ class Oracle:
 
 class HaikuJudge(Oracle):
     """`compare_haikus` on Query.keywords; exact ties go to `tie_breaker` (an LLM judge) if given,
-    else to a coin from random.Random(seed) owned by this judge. A failed tie-breaker call is a
-    failure, not a coin flip."""
+    else to a seeded coin. The coin is a function of the seed and the query alone, so a resumed run
+    (which reads earlier verdicts from its ledger instead of flipping) flips the same coins as an
+    uninterrupted one. A failed tie-breaker call is a failure, not a coin flip."""
 
     def __init__(self, seed: int = 0, tie_breaker: Optional[Oracle] = None):
         self.tie_breaker = tie_breaker
         self.name = "haiku-rule" if tie_breaker is None else f"haiku-rule+{tie_breaker.name}"
-        self._rng = random.Random(seed)
+        self.seed = seed
 
     def judge_many(self, queries: List[Query], on_result: Optional[OnResult] = None) -> List[Judgment]:
         results: List[Optional[Judgment]] = [None] * len(queries)
@@ -107,7 +108,9 @@ class HaikuJudge(Oracle):
                 emit(i, Judgment(winner=winner, judge=self.name, detail="rule"))
         if self.tie_breaker is None:
             for i in ties:
-                emit(i, Judgment(winner=self._rng.choice("AB"), judge=self.name, detail="coin"))
+                q = queries[i]
+                coin = random.Random("\x1f".join((str(self.seed), q.prompt, q.response_a, q.response_b)))
+                emit(i, Judgment(winner=coin.choice("AB"), judge=self.name, detail="coin"))
         elif ties:
             def from_tie_breaker(k: int, j: Judgment) -> None:
                 emit(ties[k], dataclasses.replace(j, judge=self.name, detail=f"tie-breaker {j.judge}"))

@@ -13,6 +13,9 @@ of the kept candidates (batch_size of the pool; chance = the kept share), the po
 relative to the paper's `head` K=5 (timed before, between and after the others, in one process;
 median), and for Borda the share of unsaturated preference probabilities.
 
+Length: the Spearman correlation of the acquisition with the candidate's number of response tokens,
+as selected and with length_normalize=true (computed from the same draws).
+
 Ground truth (--truth-k masks of head dropout on the first --truth-sequences sequences): the
 deterministic estimators are checked against the Monte Carlo variance they stand for: Spearman of
 the spread, mean ratio, Spearman of the AE acquisition (both centred on the deterministic log-prob);
@@ -21,7 +24,9 @@ the truth's own split-half Spearman is its noise floor.
 Cost at matched reliability: the authors' formulation (K full passes in train mode with head
 dropout and full-vocabulary logits, plus a full-logits reference pass; bench_selection.score_naive)
 draws from the same distribution as `head` MC with the same K, so the K it needs for Spearman 0.9 is
-read off the `head` K rows; its time is measured per pass and extrapolated to that K.
+read off the `head` K rows; its cost is timed at K=1 and K=3 between two baseline draws (as a multiple
+of the baseline, so drift and other load cancel) and extrapolated to --authors-k.
+--model tiny runs everything on a few-layer model, to check the script quickly (no figures).
 
     HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled .venv/bin/python scripts/bench_reliability.py --task jeopardy
     ... scripts/bench_reliability.py --task haikus
@@ -29,6 +34,7 @@ read off the `head` K rows; its time is measured per pass and extrapolated to th
 import argparse
 import itertools
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -107,9 +113,10 @@ def score_once(config, overrides, policy, reference, tokenizer, sequences, colum
     scores = scorer(sequences, columns=columns)
     seconds = time.perf_counter() - t0
     n = len(sequences) // columns
-    import random
     selection = strategy.select(selection_view(scores, cfg), n, kept, cfg, random.Random(0))
-    return selection.acquisition, selection.rows, selection.stats, seconds, scores
+    per_token = OmegaConf.merge(cfg, {"length_normalize": True})
+    normalised = strategy.select(selection_view(scores, per_token), n, kept, per_token, random.Random(0))
+    return selection.acquisition, selection.rows, selection.stats, seconds, scores, normalised.acquisition
 
 
 def ground_truth(policy, tokenizer, sequences, columns, args, gamma):
@@ -132,7 +139,7 @@ def ground_truth(policy, tokenizer, sequences, columns, args, gamma):
           f"its own split-half Spearman of the variance ({k // 2} vs {k // 2} masks): {half:.3f}")
     print("| closed form | Spearman of spread vs truth | mean ratio var / truth | Spearman of AE acquisition |")
     print("|---|---|---|---|")
-    for dims in (0, 8, 32):
+    for dims in (0, 2, 4, 8, 32):
         moments = analytic_head_dropout(policy, ids, mask, labels, p=args.p, exact_dims=dims)
         mu = moments["logp"]
         row = [spearman(moments["var"], var), float((moments["var"] / var).mean())]
@@ -214,6 +221,8 @@ def main() -> None:
     print(f"\n| estimator | Spearman between draws | kept overlap (chance {kept / n:.2f}) | pool time (s) | x paper head K=5 | extra |")
     print("|---|---|---|---|---|---|")
     reliability = {}
+    length_rows = []
+    lengths = torch.tensor(tokens, dtype=torch.float).view(-1, columns).sum(-1)
     for name in args.settings:
         runs = results[name]
         rhos = [spearman(a[0], b[0]) for a, b in runs]
@@ -226,6 +235,14 @@ def main() -> None:
         rho = statistics.mean(rhos)
         reliability[name] = rho
         print(f"| {name} | {rho:.3f} | {statistics.mean(overlaps):.2f} | {seconds:.2f} | {seconds / base_time:.2f} | {extra} |")
+        length_rows.append((name, spearman(runs[0][0][0], lengths), spearman(runs[0][0][5], lengths),
+                            statistics.mean(spearman(a[5], b[5]) for a, b in runs)))
+    print("\nLength: Spearman of the acquisition with the candidate's response tokens (summed over its responses), "
+          "as selected and with length_normalize=true (per-token scores)")
+    print("| estimator | with length, raw | with length, per token | per token: Spearman between draws |")
+    print("|---|---|---|---|")
+    for name, raw, normalised, rho in length_rows:
+        print(f"| {name} | {raw:.3f} | {normalised:.3f} | {rho:.3f} |")
 
     gamma = float(config.active_beta)
     if args.truth_k > 0:

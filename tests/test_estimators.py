@@ -91,6 +91,8 @@ def test_laplace_features_are_the_first_order_effect_of_a_hidden_shift(tokenizer
     assert torch.allclose(shifted - scores["mu"], psi @ u, rtol=2e-2, atol=2e-5)
     # before any label the spread is the prior's: prior_std * |psi|
     assert torch.allclose(scores["sigma"], prior * psi.norm(dim=-1), rtol=1e-4)
+    # no prior uncertainty, no spread
+    assert LaplaceEstimator(prior_std=1e-9, beta=0.1)(model, ids, mask, labels)["sigma"].abs().max() < 1e-6
 
 
 def test_laplace_spread_shrinks_along_the_pairs_bought_and_not_elsewhere():

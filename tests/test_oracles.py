@@ -1,5 +1,6 @@
 """Oracles: LLM judge against a loopback OpenAI-compatible server, rule judges, ledger and budget."""
 import asyncio
+import dataclasses
 import json
 import os
 import re
@@ -243,9 +244,13 @@ def test_config_files_build(api_key):
 def test_exact_tie_seeded_coin_and_tie_breaker(server, api_key):
     tie = Query("write a haiku", "one two three\nfour", "five six eight\nnine", keywords=["ten"])
     assert compare_haikus(tie.response_a, tie.response_b, tie.keywords) is None
-    coins = [[j.winner for j in HaikuJudge(seed=7).judge_many([tie] * 12)] for _ in range(2)]
+    ties = [dataclasses.replace(tie, prompt=f"write a haiku {i}") for i in range(12)]
+    coins = [[j.winner for j in HaikuJudge(seed=7).judge_many(ties)] for _ in range(2)]
     assert coins[0] == coins[1] and set(coins[0]) == {"A", "B"}
     assert all(j.detail == "coin" for j in HaikuJudge(seed=7).judge_many([tie]))
+    # a coin depends on its query alone, not on the flips before it: a resumed run, which reads the
+    # first verdicts from its ledger, flips the same coins for the rest as the uninterrupted run
+    assert [j.winner for j in HaikuJudge(seed=7).judge_many(ties[5:])] == coins[0][5:]
 
     decided = Query("write a haiku", "An old silent pond\nA frog jumps into the pond\nSplash! Silence again", "x")
     judge = HaikuJudge(seed=0, tie_breaker=make_judge(server))

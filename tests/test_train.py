@@ -193,7 +193,7 @@ def test_online_borda_run_counters_are_consistent(tmp_path, monkeypatch):
         tmp_path, "datasets=[haikus]", f"dataset_files.haikus={ROOT}/data/haiku_keywords.txt", "loss=dpo",
         "exp_name=borda", "online=true", "selection_strategy=borda", "oracle=haiku", "batch_size=3",
         "selection_ratio=2", "num_action_samples=3", "n_examples=30", "generation.max_new_tokens=12",
-        "n_eval_model_samples=4", "eval_every=1000")))
+        "n_eval_model_samples=4", "eval_every=1000", "uncertainty_method=head")))
     run_dir = os.path.dirname(summary["checkpoint"])
     assert summary["steps"] == 10 and summary["labels"] == 30 and len(seen) == 10
     ledger = read_jsonl(os.path.join(run_dir, "oracle_ledger.jsonl"))
@@ -201,7 +201,7 @@ def test_online_borda_run_counters_are_consistent(tmp_path, monkeypatch):
     last = [r for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if r.get("split") == "train"][-1]
     assert last["counters/labels_bought"] == 30 and last["counters/prompts_seen"] == 60
     assert last["counters/candidates_scored"] == 60 * 6                 # 3 policy + 3 reference samples per prompt
-    # every step reports how reproducible its ranking is, and how saturated the Borda bounds are
+    # with an MC estimator every step reports how reproducible its ranking is, and how saturated the Borda bounds are
     train = [r for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if r.get("split") == "train"]
     assert all(-1 <= r["selection/split_half_spearman"] <= 1 and 0 <= r["selection/borda_unsaturated"] <= 1 for r in train)
     assert summary["selection_split_half_spearman"] == pytest.approx(
@@ -861,4 +861,4 @@ def test_headroom_runs_only_by_name_and_is_marked_as_reading_labels(tmp_path, pa
             assert strategy_of(config) == "headroom (uses labels)"
         else:
             assert not any("selection/uses_labels" in r for r in steps) and "selection_uses_labels" not in summary
-            assert strategy_of(config) == "ae/head"
+            assert strategy_of(config) == "ae/laplace"
