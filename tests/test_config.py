@@ -101,3 +101,13 @@ def test_unreachable_hub_model_is_one_line(tmp_path):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: model.name_or_path=") and "cannot load" in lines[0]
+
+
+def test_paper_preset_restores_the_papers_estimator_in_one_override():
+    default = compose_config(["exp_name=x"])
+    assert (default.uncertainty_method, default.laplace_prior_std) == ("laplace", 0.25)
+    paper = compose_config(["exp_name=x", "uncertainty=paper"])
+    assert (paper.uncertainty_method, paper.mc_samples, paper.llm_dropout, paper.active_beta) == ("head", 5, 0.05, 2.0)
+    assert compose_config(["exp_name=x", "uncertainty=paper_full"]).uncertainty_method == "full"
+    # a key given on the command line still wins over the preset
+    assert compose_config(["exp_name=x", "uncertainty=paper", "mc_samples=20"]).mc_samples == 20
