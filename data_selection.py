@@ -168,7 +168,7 @@ class Strategy:
     """select(scores, n, want, config, rng) -> Selection, where scores holds (n, columns) tensors mu,
     sigma, ref (whichever the strategy needs; empty when it needs none) for n candidates.
     mode: 'offline' (pairs from a labelled set) or 'online' (generated responses, oracle labels).
-    needs_spread: reads the estimator's centre and spread of log pi (so mc_samples >= 2).
+    needs_spread: reads the estimator's centre and spread of log pi (an MC estimator then needs mc_samples >= 2).
     needs_reference: reads reference log-probs. scores_pool: draws batch_size * selection_ratio
     candidates (False: exactly batch_size, the ratio has no effect). one_sample: online, one policy and
     one reference sample per prompt instead of num_action_samples. ratio_one: requires selection_ratio=1.
