@@ -62,6 +62,8 @@ def check_config(config: DictConfig) -> None:
             raise ConfigError(f"{key}={config[key]} must be an integer")
     if not 0.0 <= float(config.pretrain_fraction) < 1.0:
         raise ConfigError(f"pretrain_fraction={config.pretrain_fraction} must be in [0, 1)")
+    if not float(config.laplace_prior_std) > 0:
+        raise ConfigError(f"laplace_prior_std={config.laplace_prior_std} must be > 0 (the prior std of the laplace estimator)")
     if not 0.0 <= float(config.llm_dropout) < 1.0:
         raise ConfigError(f"llm_dropout={config.llm_dropout} must be in [0, 1)")
     if not isinstance(getattr(torch.optim, str(config.optimizer), None), type):
