@@ -7,7 +7,7 @@ line naming the first mismatching key.
 """
 import os
 import shutil
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 from omegaconf import OmegaConf
@@ -17,9 +17,11 @@ from utils import ConfigError, atomic_write_text
 TRAINING_STATE = "training_state.pt"
 
 
-def write_checkpoint(run_dir: str, step: int, policy, tokenizer, training_state: Dict, config) -> str:
+def write_checkpoint(run_dir: str, step: int, policy, tokenizer, training_state: Dict, config,
+                     weights: Optional[Dict[str, torch.Tensor]] = None) -> str:
     """Write run_dir/step-{step}/ (temp dir, then rename) and point LATEST at it; returns its path.
-    An existing step directory is kept as it is (a resumed run reaching a step it had saved)."""
+    An existing step directory is kept as it is (a resumed run reaching a step it had saved).
+    weights: the policy's full state dict when the module's own is sharded (FSDP), else None."""
     name = f"step-{step}"
     final = os.path.join(run_dir, name)
     if os.path.exists(final):
@@ -27,7 +29,7 @@ def write_checkpoint(run_dir: str, step: int, policy, tokenizer, training_state:
     tmp = os.path.join(run_dir, f".tmp-{name}")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    save_policy(policy, tokenizer, tmp)
+    save_policy(policy, tokenizer, tmp, weights)
     torch.save(training_state, os.path.join(tmp, TRAINING_STATE))
     atomic_write_text(os.path.join(tmp, "config.yaml"), OmegaConf.to_yaml(config, resolve=True))
     os.replace(tmp, final)
@@ -80,12 +82,13 @@ def load_archive(model, directory: str) -> None:
     model.load_state_dict(state, strict=True)
 
 
-def save_policy(policy, tokenizer, directory: str) -> None:
-    """policy.pt (full state dict) or adapter/ (PEFT adapter), plus the tokenizer."""
+def save_policy(policy, tokenizer, directory: str, weights: Optional[Dict[str, torch.Tensor]] = None) -> None:
+    """policy.pt (full state dict) or adapter/ (PEFT adapter), plus the tokenizer. `weights` replaces
+    the module's own state dict (the gathered one of a sharded policy); the files are the same."""
     if hasattr(policy, "peft_config"):
-        policy.save_pretrained(os.path.join(directory, "adapter"))
+        policy.save_pretrained(os.path.join(directory, "adapter"), **({"state_dict": weights} if weights is not None else {}))
     else:
-        torch.save(policy.state_dict(), os.path.join(directory, "policy.pt"))
+        torch.save(weights if weights is not None else policy.state_dict(), os.path.join(directory, "policy.pt"))
     tokenizer.save_pretrained(os.path.join(directory, "tokenizer"))
 
 

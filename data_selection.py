@@ -19,6 +19,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 from tqdm import tqdm
 
+import distributed
 from oracles import LEDGER_FILENAME, Ledger, Query, judge_with_budget
 from preference_datasets import (Datasets, collate, iterate_elements, iterate_prompts, load_datasets, pair_element,
                                  tokenize_prompt, tokenize_response, truncation_mode_for)
@@ -244,15 +245,18 @@ class CandidateScorer:
         self.estimator = (ESTIMATORS[config.uncertainty_method](config) if strategy.needs_spread
                           else policy_logps if strategy.needs_policy else None)
         self.generator = torch.Generator(device=device)
-        self.generator.manual_seed(seed)
+        self.generator.manual_seed(seed + 7919 * distributed.rank())  # each rank its own masks
         self.warned_zero_spread = False
 
     def __call__(self, sequences: List[Dict], columns: int) -> Dict[str, torch.Tensor]:
-        """Scores of `sequences` viewed as (len // columns, columns) per key."""
-        scores = score_sequences(self.policy, self.reference if self.strategy.needs_reference else None, sequences,
+        """Scores of `sequences` viewed as (len // columns, columns) per key. Under torchrun each rank
+        scores its share of the sequences and every rank gets all the scores."""
+        share, real = distributed.sharded(sequences)
+        scores = score_sequences(self.policy, self.reference if self.strategy.needs_reference else None, share,
                                  estimator=self.estimator, pad_token_id=self.pad_token_id,
                                  batch_size=int(self.config.selection_batch_size), device=self.device,
                                  generator=self.generator)
+        scores = distributed.gathered_tensors({k: v[..., :real] for k, v in scores.items()})
         scores = {k: v.view(*v.shape[:-1], -1, columns) for k, v in scores.items()}
         if "sigma" in scores and not self.warned_zero_spread and float(scores["sigma"].abs().max()) == 0.0:
             self.warned_zero_spread = True
@@ -466,10 +470,33 @@ def sample_responses(model, tokenizer, prompt_ids: List[List[int]], n: int, gene
     kwargs = {"do_sample": True, "temperature": temperature, "top_p": float(generation.top_p)} if temperature > 0 else {"do_sample": False}
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=int(generation.max_new_tokens),
                          num_return_sequences=n, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
-                         use_cache=True, **kwargs)
+                         use_cache=True, synced_gpus=distributed.in_lockstep(), **kwargs)
     model.train(was_training)
     texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
     return [texts[i * n:(i + 1) * n] for i in range(len(prompt_ids))]
+
+
+def call_seed(seed: int, role: str, position: int) -> int:
+    """The torch seed of one generate() call: a function of the run's seed, who samples and the
+    position in the prompt stream of the call's first prompt only."""
+    return random.Random(f"{seed}|{role}|{position}").getrandbits(63)
+
+
+def sample_in_calls(model, tokenizer, prompt_ids: List[List[int]], n: int, generation, device, seed: int,
+                    role: str, start: int) -> List[List[str]]:
+    """sample_responses over prompts start, start+1, ... of the prompt stream in calls of
+    generation.prompts_per_call prompts, each call under its own seed (call_seed; the global RNG is
+    left as it was). So the samples are the same whichever rank makes a call: under torchrun the
+    calls are shared among the ranks and the texts gathered. Returns [len(prompt_ids)][n] texts."""
+    size = int(generation.prompts_per_call)
+    calls = list(range(0, len(prompt_ids), size))
+    share, real = distributed.sharded(calls)
+    texts = []
+    for offset in share:
+        with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
+            torch.manual_seed(call_seed(seed, role, start + offset))
+            texts.append(sample_responses(model, tokenizer, prompt_ids[offset:offset + size], n, generation, device))
+    return [row for call in distributed.gathered(texts[:real]) for row in call]
 
 
 @dataclass
@@ -493,7 +520,8 @@ class OnlineSource:
     """Each step: generate -> score -> select -> label -> batch. batch_size * selection_ratio prompts;
     m policy and m reference samples each (tokenised once); the strategy keeps batch_size prompts and
     one (policy, reference) pair per prompt; the oracle labels the pairs; pairs it could not label
-    are dropped and counted. `n_examples` counts labels bought."""
+    are dropped and counted. `n_examples` counts labels bought. Under torchrun the ranks share the
+    generation and the scoring; rank 0 asks the oracle (ledger: None on the other ranks)."""
 
     def __init__(self, prompts: Callable[[int], Iterator], strategy: Strategy, scorer: CandidateScorer, policy,
                  reference, tokens: PromptTokens, config, device, oracle, ledger: Ledger):
@@ -520,10 +548,13 @@ class OnlineSource:
             times: Dict[str, float] = {}
 
             t0 = time.time()
+            start = self.consumed - len(pool)
             prompt_ids = [self.tokens.prompt(name, prompt) for name, prompt, _ in pool]
-            policy_texts = sample_responses(self.policy, tokenizer, prompt_ids, m, cfg.generation, self.device)
+            policy_texts = sample_in_calls(self.policy, tokenizer, prompt_ids, m, cfg.generation, self.device,
+                                           int(cfg.seed), "policy", start)
             with self.reference.active() as ref_model:
-                reference_texts = sample_responses(ref_model, tokenizer, prompt_ids, m, cfg.generation, self.device)
+                reference_texts = sample_in_calls(ref_model, tokenizer, prompt_ids, m, cfg.generation, self.device,
+                                                  int(cfg.seed), "reference", start)
             # candidates[p][c]: (text, sequence); columns 0..m-1 the policy's samples, m..2m-1 the reference's
             candidates = [[(text, self.tokens.response(ids, text)) for text in list(pol) + list(ref)]
                           for ids, pol, ref in zip(prompt_ids, policy_texts, reference_texts)]
@@ -542,7 +573,9 @@ class OnlineSource:
             picked = [(i, i_pol, m + i_ref) for i, (i_pol, i_ref) in zip(selection.rows, selection.responses)]
             queries = [Query(prompt=pool[i][1], response_a=candidates[i][a][0], response_b=candidates[i][b][0],
                              reference=pool[i][2].reference, keywords=pool[i][2].keywords) for i, a, b in picked]
-            judgments = judge_with_budget(self.oracle, queries, self.ledger, cfg.oracle.get("max_queries"))
+            # rank 0 alone pays for labels and writes the ledger; every rank trains on its verdicts
+            judgments = distributed.broadcast(judge_with_budget(self.oracle, queries, self.ledger, cfg.oracle.get("max_queries"))
+                                              if distributed.is_main() else None)
             times["time/oracle_s"] = time.time() - t0
 
             elements, labelled, bought, budget_spent = [], [], [], False
@@ -657,8 +690,9 @@ def build_source(config, data: Dict[str, Datasets], policy, reference, tokenizer
             return itertools.islice(iterate_prompts(data["train"], "train", seed=int(config.seed), shuffle=True,
                                                     n_epochs=epochs), skip, None)
 
+        ledger = Ledger(os.path.join(run_dir, LEDGER_FILENAME)) if distributed.is_main() else None
         return OnlineSource(prompts, strategy, scorer, policy, reference, prompt_tokens(config, tokenizer), config, device,
-                            oracle, Ledger(os.path.join(run_dir, LEDGER_FILENAME)))
+                            oracle, ledger)
 
     sft_mode = config.loss.name == "sft"
     limit = {"n_examples": int(config.n_examples)} if config.n_examples is not None and not config.active else {"n_epochs": int(config.n_epochs)}

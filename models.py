@@ -191,7 +191,10 @@ def quantize_tiny(model, quantization_config):
     import tempfile
     from transformers import AutoModelForCausalLM
     with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
+        # by hand: under torchrun save_pretrained writes on rank 0 only, and every rank quantizes its own copy
+        from safetensors.torch import save_model
+        model.config.save_pretrained(tmp)
+        save_model(model, os.path.join(tmp, "model.safetensors"))
         return AutoModelForCausalLM.from_pretrained(tmp, quantization_config=quantization_config,
                                                     dtype=quantization_config.bnb_4bit_compute_dtype,
                                                     device_map={"": torch.cuda.current_device() if torch.cuda.is_available() else "cpu"})

@@ -13,6 +13,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+import distributed
 import utils
 from utils import ConfigError, UserError
 
@@ -89,6 +90,9 @@ def check_config(config: DictConfig) -> None:
         raise ConfigError(f"trainer={config.trainer} is unknown; allowed: BasicTrainer")
     if config.lora and config.qlora:
         raise ConfigError("lora=true and qlora=true are exclusive (qlora already adds LoRA adapters)")
+    if int(config.generation.prompts_per_call) < 1:
+        raise ConfigError(f"generation.prompts_per_call={config.generation.prompts_per_call} must be a positive integer")
+    distributed.check_config(config)
 
 
 def check_model_preset(argv: List[str]) -> None:
@@ -115,10 +119,19 @@ def resume_config(run_dir: str) -> DictConfig:
     if "split_seed" not in config:  # runs from before split_seed split their data by seed
         config.split_seed = config.seed
         config.allow_archive_overlap = False
+    if "distributed" not in config:  # runs from before torchrun support: one process, one generate() per pool
+        config.distributed = {"strategy": None, "timeout_s": 1800}
+        config.generation.prompts_per_call = 1_000_000
     return config
 
 
 def make_run_dir(config: DictConfig) -> str:
+    """The run directory: made by rank 0 alone and shared with the other ranks."""
+    path = _make_run_dir(config) if distributed.is_main() else None
+    return distributed.broadcast(path)
+
+
+def _make_run_dir(config: DictConfig) -> str:
     if config.resume:
         if not os.path.isdir(os.path.join(config.resume, "LATEST")):
             raise ConfigError(f"resume={config.resume} has no LATEST checkpoint to continue from")
@@ -196,25 +209,33 @@ def main_with(config: DictConfig) -> Dict:
     check_config(config)
     from data_selection import build_source, load_run_data
     from evaluation import build_evaluator
+    from checkpoints import load_trained_weights
     from models import build_models
+    from scoring import response_logps
     from trainers import BasicTrainer
 
     oracle, judge = build_judges(config)
     data = load_run_data(config)
     check_archive_data(config, data)
+    device = distributed.setup(config)
     utils.set_seed(int(config.seed))
     run_dir = make_run_dir(config)
-    if not config.resume:
+    if not config.resume and distributed.is_main():
         utils.atomic_write_text(os.path.join(run_dir, "config.yaml"), OmegaConf.to_yaml(config, resolve=True))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer, policy, reference = build_models(config, device, data["train"])
-    logger = utils.RunLogger(config, run_dir)
+    with distributed.main_first():  # rank 0 converts the model / trains the tokenizer into the cache first
+        tokenizer, policy, reference = build_models(config, device, data["train"])
+    latest = os.path.realpath(os.path.join(run_dir, "LATEST")) if config.resume else None
+    if latest:
+        load_trained_weights(policy, latest)  # before sharding: the files hold whole tensors
+    forward = distributed.prepare(policy, reference.model if reference is not None else None, config, device, response_logps)
+    logger = utils.RunLogger(config, run_dir, enabled=distributed.is_main())
     source = build_source(config, data, policy, reference, tokenizer, device, run_dir, oracle)
     evaluator = build_evaluator(config, data, tokenizer, device, reference, run_dir, judge)
-    trainer = BasicTrainer(policy, reference, tokenizer, config, run_dir, source, evaluator, logger, device)
-    if config.resume:
-        trainer.load_training_state(os.path.realpath(os.path.join(run_dir, "LATEST")))
-    print(f"run directory: {run_dir}")
+    trainer = BasicTrainer(policy, reference, tokenizer, config, run_dir, source, evaluator, logger, device, forward)
+    if latest:
+        trainer.load_training_state(latest)
+    print(f"run directory: {run_dir}" + (f" ({distributed.world_size()} processes, {distributed.strategy(config)})"
+                                          if distributed.world_size() > 1 else ""))
     summary = trainer.train()
     logger.finish()
     print_summary(summary)
@@ -241,8 +262,21 @@ def main(config: DictConfig) -> None:
             config = resume_config(config.resume)
         main_with(config)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {where()}{e}", file=sys.stderr)
         sys.exit(2)
+    except Exception as e:
+        if not distributed.launched():
+            raise
+        # one line per failing rank; torchrun then stops the other ranks (their collectives would wait)
+        print(f"error: {where()}{type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        os._exit(1)
+    finally:
+        distributed.teardown()
+
+
+def where() -> str:
+    """'rank R of W: ' in a torchrun launch, else nothing."""
+    return f"rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']}: " if distributed.launched() else ""
 
 
 if __name__ == "__main__":

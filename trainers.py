@@ -17,8 +17,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoints import load_trained_weights, read_training_state, write_checkpoint
+import distributed
+from checkpoints import read_training_state, write_checkpoint
 from scoring import Reference, response_logps
+from utils import ConfigError
 from utils import append_jsonl, atomic_write_text, pad_to_length, read_jsonl, rng_state, set_rng_state
 
 
@@ -82,6 +84,27 @@ def _to(batch: Dict, device) -> Dict:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+def rows(batch: Dict, lo: int, hi: int) -> Dict:
+    return {k: v[lo:hi] for k, v in batch.items()}
+
+
+def rank_microbatches(batch: Dict, n_parts: int) -> List[Tuple[Dict, float]]:
+    """This rank's microbatches of a global batch and the weight of each one's mean loss, such that the
+    gradient averaged over the ranks equals that of the global batch's mean loss: weight = microbatch
+    size * world size / global size. Alone: the batch split into n_parts. Under torchrun every rank
+    takes its rows (sizes differ by at most one, so any batch size splits) and makes exactly n_parts
+    backward passes, an empty part being the batch's first row at weight 0, so the ranks' collectives
+    always pair up."""
+    size = batch["chosen_input_ids"].shape[0]
+    world = distributed.world_size()
+    lo, hi = distributed.shard_bounds(size)
+    parts = split_batch(rows(batch, lo, hi), n_parts) if hi > lo else []
+    weighted = [(part, part["chosen_input_ids"].shape[0] * world / size) for part in parts]
+    if world > 1:
+        weighted += [(rows(batch, 0, 1), 0.0)] * (n_parts - len(weighted))
+    return weighted
+
+
 class BasicTrainer:
     """One policy, one reference, one batch source. `train()` runs until the source is exhausted or
     the label budget is spent, evaluating every `eval_every` labels and saving a checkpoint then.
@@ -90,8 +113,11 @@ class BasicTrainer:
     """
 
     def __init__(self, policy, reference: Optional[Reference], tokenizer, config, run_dir: str,
-                 batch_source, evaluator, logger, device):
+                 batch_source, evaluator, logger, device, forward=None):
+        """forward: the training forward from distributed.prepare (DDP-wrapped under torchrun);
+        default: response_logps on the policy."""
         self.policy, self.reference, self.tokenizer = policy, reference, tokenizer
+        self.forward = forward or (lambda ids, mask, labels: response_logps(policy, ids, mask, labels))
         self.config, self.run_dir, self.batch_source = config, run_dir, batch_source
         self.evaluator, self.logger, self.device = evaluator, logger, device
         # online_loss=sft_winner reproduces the original research code: NLL of the oracle's winner only
@@ -112,7 +138,7 @@ class BasicTrainer:
         split = "train" if train else "eval"
         metrics = {}
         if self.loss_name == "sft":
-            logps = response_logps(self.policy, batch["chosen_input_ids"], batch["chosen_attention_mask"], batch["chosen_labels"])
+            logps = self.forward(batch["chosen_input_ids"], batch["chosen_attention_mask"], batch["chosen_labels"])
             loss = sft_loss(logps)
             n_tokens = (batch["chosen_labels"] != -100).sum(-1).clamp(min=1)
             metrics[f"logps_{split}/chosen"] = logps.detach()
@@ -129,7 +155,7 @@ class BasicTrainer:
             # before the policy forward, so its transient buffers never coexist with saved activations
             ref_all = self.reference.logps(concat["input_ids"], concat["attention_mask"], concat["labels"])
             ref_chosen, ref_rejected = ref_all[:n], ref_all[n:]
-        all_logps = response_logps(self.policy, concat["input_ids"], concat["attention_mask"], concat["labels"])
+        all_logps = self.forward(concat["input_ids"], concat["attention_mask"], concat["labels"])
         policy_chosen, policy_rejected = all_logps[:n], all_logps[n:]
         losses, chosen_rewards, rejected_rewards = preference_loss(
             policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=self.config.loss.beta,
@@ -145,25 +171,29 @@ class BasicTrainer:
         return losses.mean(), metrics
 
     def train_step(self, batch: Dict) -> Dict[str, float]:
-        """One optimizer step on `batch`, split into gradient_accumulation_steps microbatches.
-        Each microbatch's mean loss is weighted by its share of the batch, so the gradient equals
-        that of the whole batch's mean loss."""
+        """One optimizer step on the global `batch`: this rank's rows (all of them alone), split into
+        gradient_accumulation_steps microbatches, each mean loss weighted by its share of the global
+        batch, so the gradient equals that of the whole batch's mean loss at any world size. Metrics
+        are means over the whole batch."""
         self.policy.train(bool(self.config.train_dropout))
-        size = batch["chosen_input_ids"].shape[0]
         collected = defaultdict(list)
-        for micro in split_batch(batch, int(self.config.gradient_accumulation_steps)):
+        parts = rank_microbatches(batch, int(self.config.gradient_accumulation_steps))
+        for i, (micro, weight) in enumerate(parts):
             micro = _to(micro, self.device)
-            loss, metrics = self.batch_metrics(micro, train=True)
-            (loss * micro["chosen_input_ids"].shape[0] / size).backward()
-            for k, v in metrics.items():
-                collected[k].append(v.float().cpu())
+            with distributed.gradient_sync(self.forward, self.policy, enabled=i == len(parts) - 1):
+                loss, metrics = self.batch_metrics(micro, train=True)
+                (loss * weight).backward()
+            for k, v in metrics.items():  # a weight-0 filler adds its keys, not its values
+                collected[k].append(v.float().cpu()[:len(v) if weight > 0 else 0])
         trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, self.config.max_grad_norm)
+        distributed.average_replicated_grads(trainable)
+        grad_norm = distributed.clip_grad_norm(trainable, self.config.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.policy.eval()
-        out = {k: torch.cat(v).mean().item() for k, v in collected.items()}
+        collected = {k: torch.cat(v) for k, v in collected.items()}
+        out = {k: v.mean().item() for k, v in distributed.gathered_tensors(collected).items()}
         out["grad_norm"] = float(grad_norm)
         out["lr"] = self.scheduler.get_last_lr()[0]
         return out
@@ -171,6 +201,8 @@ class BasicTrainer:
     # -- loop ------------------------------------------------------------------------------------
 
     def log(self, metrics: Dict[str, float]) -> None:
+        if not distributed.is_main():
+            return
         record = {"step": self.step, "labels": self.example_counter, **metrics}
         append_jsonl(os.path.join(self.run_dir, "metrics.jsonl"), record)
         self.logger.log({k: v for k, v in metrics.items() if k != "split"}, step=self.example_counter)
@@ -197,7 +229,7 @@ class BasicTrainer:
         total_steps = math.ceil(int(budget) / int(self.config.batch_size)) if budget is not None else None
         unit = "label" if self.loss_name != "sft" or self.config.online else "ex"
         progress = tqdm(total=total_steps, initial=self.step, dynamic_ncols=True, unit="step",
-                        desc=f"{self.loss_name} ({self.config.exp_name})")
+                        desc=f"{self.loss_name} ({self.config.exp_name})", disable=not distributed.is_main())
         for batch, info in self.batch_source:
             t0 = time.time()
             metrics = self.train_step(batch)
@@ -223,6 +255,8 @@ class BasicTrainer:
             tqdm.write("final eval")
             self.evaluate_and_log()
         checkpoint = self.save()
+        if not distributed.is_main():
+            return distributed.broadcast(None)
         evals = [r for r in read_jsonl(os.path.join(self.run_dir, "metrics.jsonl")) if r.get("split") == "eval"]
         strip = lambda r: {k: v for k, v in r.items() if k not in ("split", "step", "labels")}
         summary = {"exp_name": self.config.exp_name, "steps": self.step, "labels": self.example_counter,
@@ -230,29 +264,46 @@ class BasicTrainer:
                    "first_eval": strip(evals[0]) if evals else {}, "final_eval": strip(evals[-1]) if evals else {},
                    **self.batch_source.summary()}
         atomic_write_text(os.path.join(self.run_dir, "summary.json"), json.dumps(summary, indent=2))
-        return summary
+        return distributed.broadcast(summary)
 
     # -- checkpoints -----------------------------------------------------------------------------
 
     def trainer_state(self) -> Dict:
         return {"step": self.step, "example_counter": self.example_counter, "next_eval": self.next_eval,
-                "source": self.batch_source.state_dict(), "rng": rng_state()}
+                "source": self.batch_source.state_dict(), "rng": rng_state(),
+                "world_size": distributed.world_size(), "distributed": distributed.strategy(self.config)}
 
     def save(self) -> Optional[str]:
-        """Checkpoint step-N/ (see checkpoints.write_checkpoint); none in debug mode."""
+        """Checkpoint step-N/ (see checkpoints.write_checkpoint), written by rank 0; none in debug mode.
+        Every rank's own state (its RNG, its estimator generator) is kept under trainer_by_rank."""
         if self.config.debug:
             return None
-        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "trainer": self.trainer_state()}
-        return write_checkpoint(self.run_dir, self.step, self.policy, self.tokenizer, state, self.config)
+        weights = distributed.full_model_state(self.policy)        # collectives: every rank takes part
+        optimizer = distributed.optimizer_state(self.policy, self.optimizer)
+        by_rank = distributed.gather(self.trainer_state())
+        path = None
+        if distributed.is_main():
+            state = {"optimizer": optimizer, "scheduler": self.scheduler.state_dict(), "trainer": by_rank[0]}
+            if len(by_rank) > 1:
+                state["trainer_by_rank"] = by_rank
+            path = write_checkpoint(self.run_dir, self.step, self.policy, self.tokenizer, state, self.config, weights)
+        return distributed.broadcast(path)
 
     def load_training_state(self, checkpoint_dir: str) -> None:
-        """Continue from a checkpoint of this run: weights, optimizer, scheduler, counters, RNG, data position."""
-        load_trained_weights(self.policy, checkpoint_dir)
+        """Continue from a checkpoint of this run (its weights already loaded by train.py, before any
+        sharding): optimizer, scheduler, counters, RNG, data position, at the world size it was saved at."""
         data = read_training_state(checkpoint_dir)
-        self.optimizer.load_state_dict(data["optimizer"])
-        self.scheduler.load_state_dict(data["scheduler"])
         state = data["trainer"]
+        saved = (int(state.get("world_size", 1)), state.get("distributed"))
+        here = (distributed.world_size(), distributed.strategy(self.config))
+        if saved != here:
+            raise ConfigError(f"resume: {checkpoint_dir} was saved by {saved[0]} process(es) ({saved[1] or 'no torchrun'}); "
+                              f"this run has {here[0]} ({here[1] or 'no torchrun'}): relaunch with "
+                              + (f"torchrun --nproc_per_node={saved[0]} train.py resume=... (distributed.strategy={saved[1]})"
+                                 if saved[0] > 1 else "python train.py resume=..."))
+        distributed.load_optimizer_state(self.policy, self.optimizer, data["optimizer"])
+        self.scheduler.load_state_dict(data["scheduler"])
+        state = data.get("trainer_by_rank", [state])[distributed.rank()]
         self.step, self.example_counter, self.next_eval = state["step"], state["example_counter"], state["next_eval"]
         set_rng_state(state["rng"])
         self.batch_source.load_state_dict(state["source"])

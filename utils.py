@@ -114,9 +114,10 @@ class RunLogger:
     """wandb when enabled (offline into the run directory when there is no account), else nothing.
     Metrics always also go to <run_dir>/metrics.jsonl (written by the trainer)."""
 
-    def __init__(self, config, run_dir: str):
+    def __init__(self, config, run_dir: str, enabled: bool = True):
+        """enabled=False: log nothing (the ranks other than 0 of a torchrun launch)."""
         self.run = None
-        if not config.wandb.enabled or config.debug:
+        if not enabled or not config.wandb.enabled or config.debug:
             return
         import wandb
         from omegaconf import OmegaConf

@@ -1,0 +1,300 @@
+"""Multi-process runs launched with torchrun: the process group, which rank does what, how the policy
+is wrapped (DDP, or FSDP2 `fully_shard` on each transformer block), and the few collectives the
+pipeline needs.
+
+The design that keeps results independent of the world size: every rank runs the same batch source
+with the same seeds, so every rank holds the same global batch, pool and selection; the work inside
+a step is split, not the data stream. Scoring and generation shard their inputs across ranks and
+gather the results (`sharded` / `gathered`); the training step trains each rank on its rows of the
+global batch, weighted so that the averaged gradient is that of the global batch's mean loss. Only
+rank 0 talks to the oracle, writes files and logs; what it decides is broadcast.
+
+Under FSDP every rank must call the model the same number of times (each call all-gathers the
+blocks' weights), so shards are padded to equal length with copies that are computed and dropped.
+One process (no torchrun, or WORLD_SIZE=1) takes none of these paths.
+"""
+import contextlib
+import datetime
+import math
+import os
+import sys
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from utils import ConfigError
+
+STRATEGIES = ("ddp", "fsdp")
+
+
+def launched() -> bool:
+    """Started by torchrun (or srun + torchrun) with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def strategy(config) -> Optional[str]:
+    """'ddp' or 'fsdp' in a multi-process run (ddp unless distributed.strategy says otherwise), None alone."""
+    if world_size() == 1:
+        return None
+    return config.distributed.strategy or "ddp"
+
+
+def in_lockstep() -> bool:
+    """Whether every rank must make the same model calls: FSDP shards the blocks' weights, so each
+    forward is a collective (and generate() needs synced_gpus)."""
+    return _STATE["strategy"] == "fsdp"
+
+
+_STATE: Dict[str, Any] = {"strategy": None}
+
+
+def setup(config) -> torch.device:
+    """Join the process group when launched by torchrun (NCCL on CUDA, gloo on CPU, collectives that
+    wait longer than distributed.timeout_s raise instead of hanging); return this rank's device.
+    Ranks other than 0 write nothing to stdout (their progress and notes would repeat rank 0's)."""
+    cuda = torch.cuda.is_available()
+    if not launched():
+        return torch.device("cuda" if cuda else "cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo",
+                                timeout=datetime.timedelta(seconds=float(config.distributed.timeout_s)),
+                                **({"device_id": device} if cuda else {}))
+    _STATE["strategy"] = strategy(config)
+    if not is_main():
+        sys.stdout = open(os.devnull, "w")
+    return device
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _STATE["strategy"] = None
+
+
+def check_config(config) -> None:
+    """One-line errors for distributed settings that cannot run."""
+    name = config.distributed.strategy
+    if name is not None and name not in STRATEGIES:
+        raise ConfigError(f"distributed.strategy={name} is unknown; allowed: {', '.join(STRATEGIES)} (or null: ddp under torchrun)")
+    if not float(config.distributed.timeout_s) > 0:
+        raise ConfigError(f"distributed.timeout_s={config.distributed.timeout_s} must be > 0 (seconds)")
+    if launched() and name == "fsdp" and config.qlora:
+        raise ConfigError("qlora=true cannot be sharded with distributed.strategy=fsdp (4-bit weights are not "
+                          "FSDP parameters); use distributed.strategy=ddp for QLoRA, or lora=true with fsdp")
+
+
+# ----------------------------------------------------------------------------------------------
+# Collectives on Python objects (small: scores, texts, verdicts, metrics)
+
+def broadcast(obj):
+    """Rank 0's `obj` on every rank."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather(obj) -> List:
+    """[obj of rank 0, obj of rank 1, ...] on every rank."""
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def main_first():
+    """Rank 0 runs the block first (e.g. converting a model or training a tokenizer into the cache),
+    the others after it, reading what it wrote."""
+    if not is_main():
+        barrier()
+    yield
+    if is_main():
+        barrier()
+
+
+def shard_bounds(n: int, index: Optional[int] = None, parts: Optional[int] = None) -> Tuple[int, int]:
+    """[lo, hi) of part `index` (default: this rank) when n rows are split into `parts` (default: the
+    world size) contiguous parts whose sizes differ by at most one."""
+    index, parts = (rank() if index is None else index), (world_size() if parts is None else parts)
+    return round(index * n / parts), round((index + 1) * n / parts)
+
+
+def sharded(items: List) -> Tuple[List, int]:
+    """This rank's contiguous share of `items` (ceil(n / world) of them), padded with copies of
+    items[0] to the same length on every rank so that all ranks make the same model calls.
+    Returns (share, how many of its items are real); the padding's results are dropped by `gathered`."""
+    if world_size() == 1 or not items:
+        return list(items), len(items)
+    per = math.ceil(len(items) / world_size())
+    share = list(items[rank() * per:(rank() + 1) * per])
+    return share + [items[0]] * (per - len(share)), len(share)
+
+
+def gathered(values: List) -> List:
+    """The concatenation, in rank order, of every rank's list (the real part of its `sharded` share)."""
+    if world_size() == 1:
+        return list(values)
+    return [v for part in gather(list(values)) for v in part]
+
+
+def gathered_tensors(values: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Every rank's CPU tensors of one key concatenated along the last dimension, in rank order."""
+    if world_size() == 1:
+        return values
+    parts = gather(values)
+    return {k: torch.cat([p[k] for p in parts], dim=-1) for k in values}
+
+
+# ----------------------------------------------------------------------------------------------
+# The policy under DDP or FSDP2
+
+class SequenceLogps(torch.nn.Module):
+    """The training forward (summed response log-probs, as scoring.response_logps) as one module call,
+    so DDP's forward hooks see it and its gradients are all-reduced."""
+
+    def __init__(self, model, logps: Callable):
+        super().__init__()
+        self.model, self.logps = model, logps
+
+    def forward(self, input_ids, attention_mask, labels):
+        return self.logps(self.model, input_ids, attention_mask, labels)
+
+
+def transformer_blocks(model, block_name: Optional[str]) -> List[torch.nn.Module]:
+    blocks = [m for m in model.modules() if type(m).__name__ == block_name] if block_name else []
+    if not blocks:
+        raise ConfigError(f"distributed.strategy=fsdp: model.block_name={block_name} matches no module of "
+                          f"{type(model).__name__}; set model.block_name to its transformer block class")
+    return blocks
+
+
+def shard_blocks(model, config, device) -> None:
+    """FSDP2: shard each transformer block's weights across the ranks (in place). Embeddings, the final
+    norm and the head stay replicated, so the chunked head and the estimators call them directly;
+    their gradients are averaged by `average_replicated_grads`. Under LoRA only the frozen base is
+    sharded and the adapters (small) stay replicated too: FSDP2 loses the gradients of a block that
+    mixes frozen and trainable weights once a forward pass has run without grad (the eval before
+    the first step). bf16 compute with fp32 gradient reduction on CUDA."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else MixedPrecisionPolicy()
+    adapters = hasattr(model, "peft_config")
+    for block in transformer_blocks(model, config.model.block_name):
+        ignored = {p for p in block.parameters() if p.requires_grad} if adapters else None
+        fully_shard(block, mp_policy=policy, ignored_params=ignored)
+
+
+def prepare(policy, reference_model, config, device, logps: Callable) -> Callable:
+    """Wrap the policy for this run's strategy (shard the reference copy too under FSDP) and return the
+    training forward: (input_ids, attention_mask, labels) -> (B,) summed log-probs."""
+    name = _STATE["strategy"]
+    if name == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+        # every rank built the same weights from the same seed; buffers (rotary tables) never change
+        return DistributedDataParallel(SequenceLogps(policy, logps), device_ids=[device.index] if device.type == "cuda" else None,
+                                       broadcast_buffers=False)
+    if name == "fsdp":
+        for model in (policy, reference_model):
+            if model is not None:
+                shard_blocks(model, config, device)
+    return lambda input_ids, attention_mask, labels: logps(policy, input_ids, attention_mask, labels)
+
+
+def _is_dtensor(t) -> bool:
+    return type(t).__name__ == "DTensor"
+
+
+@contextlib.contextmanager
+def gradient_sync(forward, policy, enabled: bool):
+    """Inside, backward passes accumulate gradients locally (enabled=False) or synchronise them: the
+    microbatches of one step sync only on the last."""
+    if _STATE["strategy"] == "ddp" and not enabled:
+        with forward.no_sync():
+            yield
+        return
+    if _STATE["strategy"] == "fsdp":
+        for module in policy.modules():
+            if hasattr(module, "set_requires_gradient_sync"):
+                module.set_requires_gradient_sync(enabled, recurse=False)
+    yield
+
+
+def average_replicated_grads(parameters: List[torch.nn.Parameter]) -> None:
+    """FSDP2: the replicated (unsharded) trainable parameters' gradients averaged over the ranks in
+    one all-reduce, as FSDP does for the sharded ones."""
+    if _STATE["strategy"] != "fsdp":
+        return
+    grads = [p.grad for p in parameters if p.grad is not None and not _is_dtensor(p.grad)]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def clip_grad_norm(parameters: List[torch.nn.Parameter], max_norm: float) -> float:
+    """torch's clip_grad_norm_, also for a mix of sharded (DTensor) and replicated gradients; returns
+    the total norm before clipping."""
+    if _STATE["strategy"] != "fsdp":
+        return float(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
+    grads = [p.grad for p in parameters if p.grad is not None]
+    squares = [(g.float().norm() ** 2) for g in grads]
+    total = math.sqrt(sum(float(s.full_tensor() if _is_dtensor(s) else s) for s in squares))
+    coefficient = max_norm / (total + 1e-6)
+    if coefficient < 1:
+        for g in grads:
+            g.mul_(coefficient)
+    return total
+
+
+def full_model_state(policy) -> Optional[Dict[str, torch.Tensor]]:
+    """FSDP2: the whole policy's state dict, gathered onto rank 0's CPU (a collective: every rank calls
+    it; other ranks get an empty dict). None without FSDP (the module's own state_dict is complete)."""
+    if _STATE["strategy"] != "fsdp":
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def optimizer_state(policy, optimizer) -> Dict:
+    """The optimizer's state for the checkpoint: under FSDP2 gathered in full onto rank 0 (a collective)."""
+    if _STATE["strategy"] != "fsdp":
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    return get_optimizer_state_dict(policy, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(policy, optimizer, state: Dict) -> None:
+    if _STATE["strategy"] != "fsdp":
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(policy, optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))
