@@ -65,3 +65,12 @@ def test_bench_reliability(monkeypatch, capsys, tmp_path, task):
     assert "authors' K=5:" in out
     if task == "jeopardy":
         assert "| 8 exact dims per token |" in out
+
+
+def test_bench_scaling(monkeypatch, capsys, tmp_path):
+    """Launches the worker alone and under torchrun (2 ranks, gloo) and prints the A-B-A table."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = run_script(monkeypatch, capsys, "bench_scaling", *TINY, "--cache-dir", str(tmp_path), "--pool", "4", "--pairs", "3",
+                     "--prompt-len", "6", "--response-len", "6", "--warmup", "0", "--repeats", "1", "--strategy", "fsdp")
+    assert out.count("1 process(es): scoring") == 2 and "2 process(es): scoring" in out
+    assert "\n| 2 | " in out and "one-process drift" in out

@@ -24,7 +24,7 @@ def launch(out, nproc: int, overrides, timeout: float = 150, **env) -> subproces
     """train.py with `overrides` as exp_name=t in out/runs, alone (nproc=1) or on nproc ranks; the batches
     go to out/batches.jsonl."""
     os.makedirs(out, exist_ok=True)
-    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     args = overrides if any(o.startswith("resume=") for o in overrides) else [
         *(o for o in overrides if not o.startswith("local_dirs=")), f"local_dirs=[{out}/runs]", "exp_name=t"]
     return subprocess.run([*launcher, ENTRY, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
@@ -33,6 +33,7 @@ def launch(out, nproc: int, overrides, timeout: float = 150, **env) -> subproces
 
 def finished(out, proc) -> str:
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(glob.glob(f"{out}/runs/t_*")) == 1, proc.stderr[-3000:]
     return glob.glob(f"{out}/runs/t_*")[0]
 
 
