@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 from checkpoints import load_archive
 from scoring import Reference, calibrate_logit_transform
-from utils import ConfigError
+from utils import ConfigError, cache_directory
 
 
 class _DropMessage(logging.Filter):
@@ -62,10 +62,9 @@ def smollm2_directory(model_cfg, cache_dir: str) -> str:
     # the weights are dequantised to fp32 on load; drop the GGUF marker so the copy is a plain checkpoint
     del model.config.quantization_config
     model.hf_quantizer = None
-    tmp = target + ".tmp"
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    os.replace(tmp, target)
+    with cache_directory(target) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return target
 
 
@@ -85,8 +84,8 @@ def build_tiny_tokenizer(texts: List[str], vocab_size: int, cache_dir: str):
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
         tok.train_from_iterator(texts, trainer)
         fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
-        fast.save_pretrained(path + ".tmp")
-        os.replace(path + ".tmp", path)
+        with cache_directory(path) as tmp:
+            fast.save_pretrained(tmp)
     return PreTrainedTokenizerFast.from_pretrained(path)
 
 

@@ -1,7 +1,9 @@
 """Small helpers shared by every module: errors, seeding, run directories, atomic files, padding."""
+import contextlib
 import json
 import os
 import random
+import shutil
 import tempfile
 from typing import Any, Dict, Iterable, List
 
@@ -78,6 +80,28 @@ def atomic_write_text(path: str, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def cache_directory(target: str):
+    """Build a cache directory under a private temporary name and publish it with one rename.
+
+    Yields the temporary path to write into. Several processes may build the same entry at once (two
+    benchmark runs started together, torchrun ranks on several nodes); each writes its own copy, the first
+    rename wins, and the others drop theirs, so no process ever reads a half-written directory."""
+    parent = os.path.dirname(os.path.abspath(target))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(target)}.tmp-")
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not os.path.isdir(target):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def append_jsonl(path: str, record: Dict[str, Any]) -> None:

@@ -19,7 +19,9 @@ as selected and with length_normalize=true (computed from the same draws).
 Ground truth (--truth-k masks of head dropout on the first --truth-sequences sequences): the
 deterministic estimators are checked against the Monte Carlo variance they stand for: Spearman of
 the spread, mean ratio, Spearman of the AE acquisition (both centred on the deterministic log-prob);
-the truth's own split-half Spearman is its noise floor.
+the truth's own split-half Spearman is its noise floor. `laplace` is checked against Monte Carlo from
+its own posterior (--laplace-truth-draws shifts of the final hidden state, log pi recomputed exactly),
+at the prior and after observing the rest of the pool.
 
 Cost at matched reliability: the authors' formulation (K full passes in train mode with head
 dropout and full-vocabulary logits, plus a full-logits reference pass; bench_selection.score_naive)
@@ -155,6 +157,57 @@ def ground_truth(policy, tokenizer, sequences, columns, args, gamma):
           f"{float(((draws.mean(0) - mu) / var.sqrt()).mean()):.2f} sigma)")
 
 
+def laplace_ground_truth(config, policy, tokenizer, sequences, columns, args, gamma):
+    """`laplace` against Monte Carlo from its own posterior: shifts u ~ N(0, Sigma) of the final hidden
+    state, log pi recomputed through the head for each (no linearisation), on the first sequences; first
+    at the prior (the first step), then after the posterior has observed the pairs of the rest of the pool."""
+    from data_selection import ae_acquisition, spearman
+    from preference_datasets import collate
+    from scoring import _response_hidden, _sum_per_row, laplace_estimator, token_logps
+    n = max(1, args.truth_sequences // columns) * columns
+    estimator = laplace_estimator(config)
+
+    def tensors(part):
+        batch = collate(part, tokenizer.pad_token_id)
+        return [batch[k].to(args.device) for k in ("input_ids", "attention_mask", "labels")]
+    ids, mask, labels = tensors(sequences[:n])
+    with torch.no_grad():
+        hidden, targets, rows, head, transform = _response_hidden(policy.eval(), ids, mask, labels)
+    generator = torch.Generator(device=args.device).manual_seed(54321)
+    print(f"\nGround truth for laplace (prior std {estimator.prior_std}): {args.laplace_truth_draws} posterior "
+          f"shifts of the final hidden state on {n} sequences, log pi recomputed exactly for each")
+    print("| posterior | Spearman of spread vs truth | mean ratio sigma / truth | Spearman of AE acquisition | "
+          "mean of draws - log pi (sigma) |")
+    print("|---|---|---|---|---|")
+    for stage in ("prior (first step)", "after the rest of the pool"):
+        if stage != "prior (first step)":
+            rest = sequences[n:n + 2 * ((len(sequences) - n) // 2)]
+            for start in range(0, len(rest), 2 * args.selection_batch_size):
+                psi = estimator(policy, *tensors(rest[start:start + 2 * args.selection_batch_size]))["psi"].T
+                estimator.observe(psi[0::2], psi[1::2])
+        scores = estimator(policy, ids, mask, labels)
+        root = torch.linalg.cholesky(estimator.covariance()).float()
+        t0 = time.perf_counter()
+        draws = []
+        with torch.no_grad():
+            for _ in range(args.laplace_truth_draws):
+                u = root @ torch.randn(root.shape[0], generator=generator, device=args.device)
+                shifted = (hidden.float() + u).to(hidden.dtype)
+                draws.append(_sum_per_row(token_logps(shifted, head, targets, None, transform), rows, n))
+        draws = torch.stack(draws)
+        truth = draws.std(0)
+        row = [spearman(scores["sigma"], truth), float((scores["sigma"] / truth).mean())]
+        if columns == 2:
+            view = lambda v: v.view(-1, 2)  # noqa: E731
+            mu = scores["mu"]
+            row.append(spearman(ae_acquisition(view(mu), view(scores["sigma"]), view(mu), gamma),
+                                ae_acquisition(view(mu), view(truth), view(mu), gamma)))
+        else:
+            row.append(float("nan"))
+        bias = float(((draws.mean(0) - scores["mu"]) / truth).mean())
+        print(f"| {stage} | {row[0]:.3f} | {row[1]:.3f} | {row[2]:.3f} | {bias:.2f} |  ({time.perf_counter() - t0:.0f} s)")
+
+
 def naive_pass_cost(config, policy, reference, tokenizer, sequences, columns, kept, args) -> Tuple[float, float]:
     """The authors' formulation on the pool, timed between two draws of the baseline (`head` K=5) in the
     same process: (cost at K=1 incl. its reference pass, cost per further pass), in baseline draws."""
@@ -183,6 +236,8 @@ def main() -> None:
     parser.add_argument("--settings", nargs="*", default=list(SETTINGS), help="names of SETTINGS to run")
     parser.add_argument("--truth-k", type=int, default=2000)
     parser.add_argument("--truth-sequences", type=int, default=48)
+    parser.add_argument("--laplace-truth-draws", type=int, default=1000,
+                        help="posterior draws of the laplace ground truth (0: skip)")
     parser.add_argument("--p", type=float, default=0.05, help="dropout rate of the ground truth and the naive timing")
     parser.add_argument("--selection-batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
@@ -247,6 +302,8 @@ def main() -> None:
     gamma = float(config.active_beta)
     if args.truth_k > 0:
         ground_truth(policy, tokenizer, sequences, columns, args, gamma)
+    if args.laplace_truth_draws > 0 and "laplace" in args.settings:
+        laplace_ground_truth(config, policy, tokenizer, sequences, columns, args, gamma)
 
     if args.skip_authors:
         return

@@ -3,7 +3,7 @@
     python scripts/compare_runs.py RUN_DIR_OR_SWEEP_DIR [...] --out DIR [--metrics m1,m2] [--baseline uniform]
 
 Every directory holding both metrics.jsonl and config.yaml (at any depth under the given paths) is a
-run. Runs are grouped by `selection_strategy` ('none' for plain SFT/DPO) and, within a strategy, by
+run; one without summary.json (still running, or stopped) is left out unless --include-unfinished. Runs are grouped by `selection_strategy` ('none' for plain SFT/DPO) and, within a strategy, by
 `seed` (one run per strategy and seed). For each metric, a strategy's learning curve is the mean over
 seeds of the metric against labels (labels bought/used so far), with a band of +-1 sample standard
 deviation across seeds. Seeds are aligned on the union of their eval label counts inside the label
@@ -102,11 +102,22 @@ def make_run(path: str, config: Dict[str, Any], records: List[Dict[str, Any]]) -
     return Run(path=path, strategy=strategy_of(config), seed=int(config["seed"]), records=records, config=config)
 
 
-def load_runs(paths: Sequence[str]) -> List[Run]:
-    """Every run under `paths` (run or sweep directories), each directory once."""
+def load_runs(paths: Sequence[str], include_unfinished: bool = False) -> List[Run]:
+    """Every run under `paths` (run or sweep directories), each directory once. A run without summary.json
+    is still running or was stopped: its last eval is not its final value, so it is left out (with a
+    warning) unless `include_unfinished`."""
     dirs = sorted({os.path.abspath(d) for p in paths for d in find_run_dirs(p)})
     if not dirs:
         raise CompareError(f"no run directory (metrics.jsonl + config.yaml) under {', '.join(paths)}")
+    unfinished = [d for d in dirs if not os.path.exists(os.path.join(d, "summary.json"))]
+    if unfinished and not include_unfinished:
+        dirs = [d for d in dirs if d not in unfinished]
+        if not dirs:
+            raise CompareError(f"no finished run (with summary.json) under {', '.join(paths)}; "
+                               "--include-unfinished compares the runs so far")
+        warnings.warn(f"left out {len(unfinished)} unfinished run(s) without summary.json "
+                      f"({', '.join(os.path.basename(d) for d in unfinished)}); --include-unfinished counts "
+                      "their last eval as final")
     runs = []
     for d in dirs:
         with open(os.path.join(d, "config.yaml")) as f:
@@ -418,9 +429,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--out", required=True, help="directory for the PNGs, comparison.md and comparison.csv")
     parser.add_argument("--metrics", help="comma-separated metric names (default: eval metrics logged by every run)")
     parser.add_argument("--baseline", help="strategy to compare against (default: uniform, else uniref)")
+    parser.add_argument("--include-unfinished", action="store_true",
+                        help="also compare runs without summary.json (running or stopped), their last eval as final")
     args = parser.parse_args(argv)
     try:
-        runs = load_runs(args.paths)
+        runs = load_runs(args.paths, args.include_unfinished)
         groups = group_runs(runs)
         strategies = sorted(groups)
         baseline = resolve_baseline(strategies, args.baseline)

@@ -3,6 +3,7 @@ print their tables. Figures are not checked: a few milliseconds of work say noth
 import importlib
 import importlib.util
 import os
+import re
 import sys
 
 import pytest
@@ -59,12 +60,16 @@ def test_bench_reliability(monkeypatch, capsys, tmp_path, task):
     out = run_script(monkeypatch, capsys, "bench_reliability", "--model", "tiny", "--task", task, "--threads", "1",
                      "--cache-dir", str(tmp_path), "--jeopardy-file", os.path.join(FIXTURES, "jeopardy.json"),
                      "--data-dir", str(tmp_path), "--pairs", "6", "--prompts", "3", "--truth-k", "250",
-                     "--truth-sequences", "4", "--authors-k", "5",
+                     "--truth-sequences", "4", "--authors-k", "5", "--laplace-truth-draws", "200",
                      "--settings", "paper: head K=5 p=0.05", "head_analytic p=0.05", "laplace")
     assert "| head_analytic p=0.05 | 1.000 |" in out and "| laplace | 1.000 |" in out
     assert "authors' K=5:" in out
     if task == "jeopardy":
         assert "| 8 exact dims per token |" in out
+    # the linearised posterior spread matches Monte Carlo from the posterior on the tiny model
+    for stage in ("prior (first step)", "after the rest of the pool"):
+        ratio = float(re.search(rf"\| {re.escape(stage)} \| [-\d.]+ \| ([\d.]+) \|", out).group(1))
+        assert 0.8 < ratio < 1.25, (stage, ratio)
 
 
 def test_bench_scaling(monkeypatch, capsys, tmp_path):

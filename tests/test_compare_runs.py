@@ -171,3 +171,14 @@ def test_t_distribution_p_values():
     # non-integer df: against a Simpson integration of the t density
     assert cr.t_two_sided_p(2.3, 4.7) == pytest.approx(simpson_two_sided_p(2.3, 4.7), abs=1e-9)
     assert cr.welch_t_test([1.0, 1.0], [1.0, 1.0])[2] == 1.0 and cr.welch_t_test([2.0, 2.0], [1.0, 1.0])[2] == 0.0
+
+
+def test_unfinished_runs_are_left_out_unless_asked_for(sweep, tmp_path):
+    """A run still in progress has no summary.json; its last eval is not a final value."""
+    running = sweep / "ae" / "0" / "run_0"
+    os.remove(running / "summary.json")
+    with pytest.warns(UserWarning, match=r"left out 1 unfinished run\(s\) without summary.json \(run_0\)"):
+        assert cr.main([str(sweep), "--out", str(tmp_path / "a"), "--metrics", "loss/eval"]) == 0
+    assert read_csv(tmp_path / "a" / "comparison.csv")[("loss/eval", "ae")]["n_seeds"] == "2"
+    assert cr.main([str(sweep), "--out", str(tmp_path / "b"), "--metrics", "loss/eval", "--include-unfinished"]) == 0
+    assert read_csv(tmp_path / "b" / "comparison.csv")[("loss/eval", "ae")]["n_seeds"] == "3"
