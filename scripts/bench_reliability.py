@@ -160,7 +160,8 @@ def ground_truth(policy, tokenizer, sequences, columns, args, gamma):
 def laplace_ground_truth(config, policy, tokenizer, sequences, columns, args, gamma):
     """`laplace` against Monte Carlo from its own posterior: shifts u ~ N(0, Sigma) of the final hidden
     state, log pi recomputed through the head for each (no linearisation), on the first sequences; first
-    at the prior (the first step), then after the posterior has observed the pairs of the rest of the pool."""
+    at the prior (the first step), then after the posterior has observed the rest of the pool as pairs of
+    consecutive sequences (jeopardy: its candidate pairs; haikus: two answers of one model to one prompt)."""
     from data_selection import ae_acquisition, spearman
     from preference_datasets import collate
     from scoring import _response_hidden, _sum_per_row, laplace_estimator, token_logps
