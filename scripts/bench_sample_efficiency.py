@@ -189,7 +189,8 @@ def hh_dpo(args, strategy: str) -> List[str]:
 
 TASK_SPECS = {
     "jeopardy": Task("jeopardy", ["uniform", "us", "ae", "headroom"],
-                     ["jeopardy/wrong_rate", "jeopardy/abstain_rate", "jeopardy/correct_rate", "rewards_eval/accuracies"],
+                     ["jeopardy/wrong_rate", "jeopardy/abstain_rate", "jeopardy/correct_rate", "rewards_eval/accuracies",
+                      "loss/eval"],
                      jeopardy_dpo),
     "haikus": Task("haikus", ["uniref", "borda"],
                    ["haiku/strict_valid_rate", "haiku/three_line_rate", "haiku/mean_syllable_distance",
@@ -285,6 +286,12 @@ class Runner:
         return done
 
 
+def compared_metrics(task: Task, n_samples: int) -> List[str]:
+    """The task's metrics that its runs log: without held-out answers (--n-samples 0) only the held-out
+    pair metrics exist. Empty: let compare_runs take every eval metric the runs share."""
+    return [m for m in task.metrics if n_samples or m.startswith(("rewards_eval/", "loss/"))]
+
+
 def run_task(task: Task, args) -> None:
     out = os.path.abspath(args.out)
     runs, sft_base = os.path.join(out, "runs"), os.path.join(out, "sft")
@@ -311,8 +318,9 @@ def run_task(task: Task, args) -> None:
     if args.dry_run:
         return
     print(f"{task.name}: all runs finished; {time.time() - start:.0f} s in this invocation")
+    metrics = compared_metrics(task, args.n_samples)
     compare = [sys.executable, os.path.join(ROOT, "scripts", "compare_runs.py"), runs, "--out", out,
-               "--baseline", strategies[0], "--metrics", ",".join(task.metrics)]
+               "--baseline", strategies[0], *(["--metrics", ",".join(metrics)] if metrics else [])]
     print("$ " + " ".join(compare), flush=True)
     if subprocess.call(compare, cwd=ROOT) != 0:
         sys.exit(f"{task.name}: compare_runs failed")

@@ -182,3 +182,11 @@ def test_a_failed_run_stops_the_benchmark_with_its_log(tmp_path, monkeypatch):
         runner(tmp_path).ensure(str(tmp_path / "runs"), "hh_us_s1", ["seed=1"])
     message = str(exit_info.value)
     assert message.startswith("hh_us_s1 failed (exit code 1)") and "training..." in message
+
+
+def test_without_held_out_answers_only_pair_metrics_are_compared():
+    """--n-samples 0 logs no answer metrics; asking compare_runs for them would fail the whole sweep."""
+    jeopardy = bench.TASK_SPECS["jeopardy"]
+    assert bench.compared_metrics(jeopardy, 0) == ["rewards_eval/accuracies", "loss/eval"]
+    assert bench.compared_metrics(jeopardy, 48) == jeopardy.metrics
+    assert bench.compared_metrics(bench.TASK_SPECS["haikus"], 0) == []
