@@ -3,9 +3,9 @@
     python scripts/compare_runs.py RUN_DIR_OR_SWEEP_DIR [...] --out DIR [--metrics m1,m2] [--baseline uniform]
 
 Every directory holding both metrics.jsonl and config.yaml (at any depth under the given paths) is a
-run; one without summary.json (still running, or stopped) is left out unless --include-unfinished. Runs are grouped by `selection_strategy` ('none' for plain SFT/DPO) and, within a strategy, by
-`seed` (one run per strategy and seed). For each metric, a strategy's learning curve is the mean over
-seeds of the metric against labels (labels bought/used so far), with a band of +-1 sample standard
+run; one without summary.json (still running, or stopped) is left out unless --include-unfinished.
+Runs are grouped by `selection_strategy` ('none' for plain SFT/DPO) and, within a strategy, by `seed`
+(one run per strategy and seed). For each metric, a strategy's learning curve is the mean over seeds of the metric against labels (labels bought/used so far), with a band of +-1 sample standard
 deviation across seeds. Seeds are aligned on the union of their eval label counts inside the label
 range that every seed covers, each seed linearly interpolated there.
 
