@@ -5,8 +5,9 @@
 Every directory holding both metrics.jsonl and config.yaml (at any depth under the given paths) is a
 run; one without summary.json (still running, or stopped) is left out unless --include-unfinished.
 Runs are grouped by `selection_strategy` ('none' for plain SFT/DPO) and, within a strategy, by `seed`
-(one run per strategy and seed). For each metric, a strategy's learning curve is the mean over seeds of the metric against labels (labels bought/used so far), with a band of +-1 sample standard
-deviation across seeds. Seeds are aligned on the union of their eval label counts inside the label
+(one run per strategy and seed). For each metric, a strategy's learning curve is the mean over seeds
+of the metric against labels (labels bought/used so far), with a band of +-1 sample standard deviation
+across seeds. Seeds are aligned on the union of their eval label counts inside the label
 range that every seed covers, each seed linearly interpolated there.
 
 Written to --out: one PNG per metric, comparison.md (also printed) and comparison.csv with, per
