@@ -237,7 +237,7 @@ def main() -> None:
     parser.add_argument("--settings", nargs="*", default=list(SETTINGS), help="names of SETTINGS to run")
     parser.add_argument("--truth-k", type=int, default=2000)
     parser.add_argument("--truth-sequences", type=int, default=48)
-    parser.add_argument("--laplace-truth-draws", type=int, default=1000,
+    parser.add_argument("--laplace-truth-draws", type=int, default=500,
                         help="posterior draws of the laplace ground truth (0: skip)")
     parser.add_argument("--p", type=float, default=0.05, help="dropout rate of the ground truth and the naive timing")
     parser.add_argument("--selection-batch-size", type=int, default=16)

@@ -96,11 +96,11 @@ def worker(args) -> None:
 
 def launch(args, procs: int) -> dict:
     """Run the worker on `procs` processes; its median times (s)."""
-    out = tempfile.mktemp(suffix=".json")
-    argv = [a for a in sys.argv[1:]]
+    fd, out = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
     launcher = [sys.executable] if procs == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-    result = subprocess.run([*launcher, os.path.abspath(__file__), *argv, "--worker", out], cwd=ROOT, env=env,
+    result = subprocess.run([*launcher, os.path.abspath(__file__), *sys.argv[1:], "--worker", out], cwd=ROOT, env=env,
                             capture_output=True, text=True)
     if result.returncode != 0:
         sys.exit(f"error: the {procs}-process launch failed:\n{result.stderr[-3000:]}")

@@ -461,4 +461,6 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
+    # one line per warning on the terminal, not the warnings module's file:line and source echo
+    warnings.formatwarning = lambda message, category, *rest, **kw: f"warning: {message}\n"
     sys.exit(main())

@@ -68,7 +68,9 @@ def test_bench_reliability(monkeypatch, capsys, tmp_path, task):
         assert "| 8 exact dims per token |" in out
     # the linearised posterior spread matches Monte Carlo from the posterior on the tiny model
     for stage in ("prior (first step)", "after the rest of the pool"):
-        ratio = float(re.search(rf"\| {re.escape(stage)} \| [-\d.]+ \| ([\d.]+) \|", out).group(1))
+        row = re.search(rf"\| {re.escape(stage)} \| [-\d.]+ \| ([\d.]+) \|", out)
+        assert row, f"no laplace ground-truth row for {stage}"
+        ratio = float(row.group(1))
         assert 0.8 < ratio < 1.25, (stage, ratio)
 
 
