@@ -1,19 +1,16 @@
-"""Which preference labels to buy: the strategy table, the acquisition functions (pure tensor math),
-and the batch sources that feed the trainer (plain data, offline active selection, the online
-generate -> score -> select -> label -> batch loop).
+"""The batch sources that feed the trainer: plain data, offline active selection (score a pool of
+labelled pairs without their labels, keep what the strategy picks), and the online generate -> score
+-> select -> label -> batch loop; plus the candidate scorer and the wiring from the config.
 
-Adding a strategy touches one place: write its `select` function and add one `Strategy` entry to
-STRATEGIES. The config check, the sources and the scoring read what the entry declares. Scores come
-from scoring.score_sequences (one call for every selector: the policy's centre and spread from the
-configured estimator, one reference pass), and the reference log-probs computed there are handed to
-the DPO step so it never recomputes them.
+Scores come from scoring.score_sequences (one call for every selector: the policy's centre and spread
+from the configured estimator, one reference pass), and the reference log-probs computed there are
+handed to the DPO step so it never recomputes them. What to keep is decided in strategies.py.
 """
 import itertools
-import math
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -23,198 +20,9 @@ import distributed
 from oracles import LEDGER_FILENAME, Ledger, Query, judge_with_budget
 from preference_datasets import (Datasets, collate, iterate_elements, iterate_prompts, load_datasets, pair_element,
                                  tokenize_prompt, tokenize_response, truncation_mode_for)
-from scoring import ESTIMATORS, policy_logps, score_sequences
-
-
-# ----------------------------------------------------------------------------------------------
-# Acquisition functions (pure)
-
-def ae_acquisition(mu: torch.Tensor, sigma: torch.Tensor, ref: torch.Tensor, gamma: float) -> torch.Tensor:
-    """AE-DPO: width of the confidence interval on the better response's implicit reward.
-
-    mu, sigma, ref: (P, 2) policy centre, spread and reference log-prob of both responses (nats).
-    acq = max_i (mu_i + gamma sigma_i - ref_i) - max_i (mu_i - gamma sigma_i - ref_i). Returns (P,).
-    """
-    upper = (mu + gamma * sigma - ref).max(dim=-1).values
-    lower = (mu - gamma * sigma - ref).max(dim=-1).values
-    return upper - lower
-
-
-def us_acquisition(var: torch.Tensor) -> torch.Tensor:
-    """US-DPO: mean variance of the two responses. var (P, 2) -> (P,)."""
-    return var.mean(dim=-1)
-
-
-def borda_probabilities(policy_mu: torch.Tensor, policy_sigma: torch.Tensor, policy_ref: torch.Tensor,
-                        other_mu: torch.Tensor, other_sigma: torch.Tensor, other_ref: torch.Tensor,
-                        beta: float, gamma: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Optimistic and pessimistic preference probabilities of the policy's samples over the reference's.
-
-    policy_*: (P, m) for the policy samples a_i; other_*: (P, m) for the reference samples a'_j.
-    mu/sigma are the policy's log-prob centre/spread, ref the reference log-prob (nats).
-    Returns P+[i,j] = sigmoid(beta ((U(a_i) - ref(a_i)) - (L(a'_j) - ref(a'_j)))) and P- with U and L
-    swapped, each (P, m, m), where U/L = mu +/- gamma sigma.
-    """
-    upper_a = policy_mu + gamma * policy_sigma - policy_ref
-    lower_a = policy_mu - gamma * policy_sigma - policy_ref
-    upper_b = other_mu + gamma * other_sigma - other_ref
-    lower_b = other_mu - gamma * other_sigma - other_ref
-    p_plus = torch.sigmoid(beta * (upper_a[:, :, None] - lower_b[:, None, :]))
-    p_minus = torch.sigmoid(beta * (lower_a[:, :, None] - upper_b[:, None, :]))
-    return p_plus, p_minus
-
-
-def borda_bounds(*args, **kwargs) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Borda bounds b+ = mean_j P+[i,j] and b- = mean_j P-[i,j], each (P, m); arguments as borda_probabilities."""
-    p_plus, p_minus = borda_probabilities(*args, **kwargs)
-    return p_plus.mean(-1), p_minus.mean(-1)
-
-
-def unsaturated_share(probabilities: torch.Tensor, margin: float = 0.05) -> float:
-    """Share of preference probabilities inside (margin, 1 - margin): near 0, the Borda bounds are
-    saturated (every comparison reads as certain) and the acquisition carries little signal."""
-    return float(((probabilities > margin) & (probabilities < 1 - margin)).float().mean())
-
-
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Spearman rank correlation of two (N,) vectors (ties get their average rank); NaN when either is
-    constant or N < 3."""
-    def ranks(x):
-        x = x.double()
-        return (x[:, None] > x[None, :]).sum(1) + 0.5 * ((x[:, None] == x[None, :]).sum(1) - 1)
-    if a.numel() < 3:
-        return float("nan")
-    ra, rb = ranks(a.flatten()), ranks(b.flatten())
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    denominator = (ra.norm() * rb.norm()).item()
-    return float((ra * rb).sum() / denominator) if denominator > 0 else float("nan")
-
-
-def borda_acquisition(b_plus: torch.Tensor, b_minus: torch.Tensor) -> torch.Tensor:
-    """AE-Borda: max_i b+ - max_i b-. (P, m) each -> (P,)."""
-    return b_plus.max(-1).values - b_minus.max(-1).values
-
-
-def top_k(acquisition: torch.Tensor, k: int) -> List[int]:
-    """Indices of the k largest values, ties broken by position (stable, so deterministic)."""
-    order = sorted(range(len(acquisition)), key=lambda i: (-float(acquisition[i]), i))
-    return order[:k]
-
-
-# ----------------------------------------------------------------------------------------------
-# Selectors: scores in, the kept candidates out
-
-@dataclass
-class Selection:
-    """rows: kept candidates (pairs offline, prompts online), best first. responses (online): per kept
-    prompt, (index of the policy sample, index of the reference sample) to send to the oracle.
-    acquisition: (P,) value of every candidate, None for strategies that score nothing."""
-    rows: List[int]
-    responses: Optional[List[Tuple[int, int]]] = None
-    acquisition: Optional[torch.Tensor] = None
-    stats: Dict[str, float] = field(default_factory=dict)
-
-
-def select_first(scores, n: int, want: int, config, rng: random.Random) -> Selection:
-    """Uniform / Uniform-DPO: the first `want` of the n candidates of the seeded shuffle; online, the
-    first policy sample against the first reference sample."""
-    rows = list(range(min(want, n)))
-    return Selection(rows, [(0, 0)] * len(rows) if config.online else None)
-
-
-def select_us(scores, n: int, want: int, config, rng) -> Selection:
-    """US-DPO: scores (P, 2); the pairs with the largest mean variance."""
-    acquisition = us_acquisition(scores["sigma"] ** 2)
-    return Selection(top_k(acquisition, want), acquisition=acquisition)
-
-
-def select_ae(scores, n: int, want: int, config, rng) -> Selection:
-    """AE-DPO: scores (P, 2); the pairs with the widest interval on the better response's implicit reward."""
-    acquisition = ae_acquisition(scores["mu"], scores["sigma"], scores["ref"], float(config.active_beta))
-    return Selection(top_k(acquisition, want), acquisition=acquisition)
-
-
-def dpo_losses(mu: torch.Tensor, ref: torch.Tensor, first_is_rejected: torch.Tensor, beta: float) -> torch.Tensor:
-    """The current DPO loss of each pair: mu, ref (P, 2) policy and reference log-probs of the two
-    responses in scoring order, first_is_rejected (P,) bool (the labels). Returns (P,)."""
-    margin = (mu[:, 0] - ref[:, 0]) - (mu[:, 1] - ref[:, 1])
-    margin = torch.where(first_is_rejected, -margin, margin)
-    return -torch.nn.functional.logsigmoid(beta * margin)
-
-
-def select_headroom(scores, n: int, want: int, config, rng) -> Selection:
-    """Headroom check, NOT deployable: reads the labels. The pairs with the largest current DPO loss
-    (those the policy misranks most), to measure how much any selection could beat uniform."""
-    acquisition = dpo_losses(scores["mu"], scores["ref"], scores["first_is_rejected"], float(config.loss.beta))
-    return Selection(top_k(acquisition, want), acquisition=acquisition)
-
-
-def select_borda(scores, n: int, want: int, config, rng: random.Random) -> Selection:
-    """AE-Borda: scores (P, 2m), the m policy samples first. Keeps the `want` prompts with the largest
-    Borda gap; per prompt, the policy sample with the largest b+ against a uniformly drawn reference sample."""
-    m = scores["mu"].shape[1] // 2
-    mu, sigma, ref = scores["mu"], scores["sigma"], scores["ref"]
-    p_plus, p_minus = borda_probabilities(mu[:, :m], sigma[:, :m], ref[:, :m], mu[:, m:], sigma[:, m:], ref[:, m:],
-                                          beta=float(config.loss.beta), gamma=float(config.active_beta))
-    b_plus, b_minus = p_plus.mean(-1), p_minus.mean(-1)
-    acquisition = borda_acquisition(b_plus, b_minus)
-    rows = top_k(acquisition, want)
-    stats = {"selection/borda_unsaturated": unsaturated_share(torch.cat([p_plus.flatten(), p_minus.flatten()])),
-             "selection/mean_b_plus": float(b_plus.mean()), "selection/mean_b_minus": float(b_minus.mean())}
-    return Selection(rows, [(int(b_plus[i].argmax()), rng.randrange(m)) for i in rows], acquisition, stats)
-
-
-@dataclass(frozen=True)
-class Strategy:
-    """select(scores, n, want, config, rng) -> Selection, where scores holds (n, columns) tensors mu,
-    sigma, ref (whichever the strategy needs; empty when it needs none) for n candidates.
-    mode: 'offline' (pairs from a labelled set) or 'online' (generated responses, oracle labels).
-    needs_spread: reads the estimator's centre and spread of log pi (an MC estimator then needs mc_samples >= 2).
-    needs_reference: reads reference log-probs. scores_pool: draws batch_size * selection_ratio
-    candidates (False: exactly batch_size, the ratio has no effect). one_sample: online, one policy and
-    one reference sample per prompt instead of num_action_samples. ratio_one: requires selection_ratio=1.
-    needs_policy: reads the policy's deterministic log-probs 'mu' without a spread. uses_labels: reads
-    the pool's labels ('first_is_rejected'), so it is a measuring stick, never a deployable selector;
-    no other strategy is handed the labels."""
-    mode: str
-    select: Callable[..., Selection]
-    needs_spread: bool = False
-    needs_policy: bool = False
-    uses_labels: bool = False
-    needs_reference: bool = False
-    scores_pool: bool = True
-    one_sample: bool = False
-    ratio_one: bool = False
-
-
-STRATEGIES: Dict[str, Strategy] = {
-    "uniform": Strategy("offline", select_first, scores_pool=False),
-    "us": Strategy("offline", select_us, needs_spread=True),
-    "ae": Strategy("offline", select_ae, needs_spread=True, needs_reference=True),
-    "headroom": Strategy("offline", select_headroom, needs_policy=True, needs_reference=True, uses_labels=True),
-    "uniref": Strategy("online", select_first, scores_pool=False, one_sample=True, ratio_one=True),
-    "borda": Strategy("online", select_borda, needs_spread=True, needs_reference=True),
-}
-
-
-def scores_policy(strategy: Strategy) -> bool:
-    return strategy.needs_spread or strategy.needs_policy
-
-
-def selection_view(scores: Dict[str, torch.Tensor], config) -> Dict[str, torch.Tensor]:
-    """What the selector sees: the scores, per response token when config.length_normalize (log-probs,
-    spreads and reference log-probs divided by each response's token count, so long responses are not
-    favoured for their length alone). The raw reference log-probs still go to the DPO step."""
-    if not config.length_normalize or "n_tokens" not in scores:
-        return scores
-    n = scores["n_tokens"].clamp(min=1)
-    return {k: (v / n if k in ("mu", "sigma", "ref", "mu_halves", "sigma_halves") else v) for k, v in scores.items()}
-
-
-def strategy_names(mode: str) -> List[str]:
-    """The strategies of a mode, the default (baseline) first."""
-    return [name for name, s in STRATEGIES.items() if s.mode == mode]
-
+from scoring import ESTIMATORS, head_features, policy_logps, score_sequences
+from strategies import (STRATEGIES, ReliabilityLog, Strategy, scores_policy, selection_stats, selection_view,
+                        split_half_spearman)
 
 # ----------------------------------------------------------------------------------------------
 # Scoring candidates (model calls)
@@ -234,6 +42,11 @@ def pair_sequences(elements: List[Dict]) -> Tuple[List[Dict], List[bool]]:
     return seqs, flipped
 
 
+def response_lengths(sequences: List[Dict]) -> torch.Tensor:
+    """Response tokens (labels other than -100) of each sequence, (S,) float, as score_sequences counts them."""
+    return torch.tensor([sum(1 for t in seq["labels"][1:] if t != -100) for seq in sequences], dtype=torch.float32)
+
+
 class CandidateScorer:
     """Scores candidate sequences for one strategy: the estimator's centre/spread under the policy when
     the strategy reads them, the reference log-prob when it reads that. Owns the seeded generator of
@@ -243,7 +56,10 @@ class CandidateScorer:
         self.strategy, self.policy, self.reference, self.config = strategy, policy, reference, config
         self.pad_token_id, self.device = pad_token_id, device
         self.estimator = (ESTIMATORS[config.uncertainty_method](config) if strategy.needs_spread
+                          else head_features if strategy.needs_features
                           else policy_logps if strategy.needs_policy else None)
+        # an estimator that fits its prior to the labels bought reads the policy's implicit reward of each pair
+        self.needs_reference = strategy.needs_reference or bool(getattr(self.estimator, "prior", None) == "evidence")
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed + 7919 * distributed.rank())  # each rank its own masks
         self.warned_zero_spread = False
@@ -252,7 +68,7 @@ class CandidateScorer:
         """Scores of `sequences` viewed as (len // columns, columns) per key. Under torchrun each rank
         scores its share of the sequences and every rank gets all the scores."""
         share, real = distributed.sharded(sequences)
-        scores = score_sequences(self.policy, self.reference if self.strategy.needs_reference else None, share,
+        scores = score_sequences(self.policy, self.reference if self.needs_reference else None, share,
                                  estimator=self.estimator, pad_token_id=self.pad_token_id,
                                  batch_size=int(self.config.selection_batch_size), device=self.device,
                                  generator=self.generator)
@@ -264,14 +80,22 @@ class CandidateScorer:
                        "uncertainty_method=head?); the acquisition ranks ties, i.e. selection is not active.")
         return scores
 
-    def observe(self, scores: Dict[str, torch.Tensor], pairs: List[Tuple[int, int, int]]) -> None:
+    def observe(self, scores: Dict[str, torch.Tensor], pairs: List[Tuple[int, int, int]], first_won: List[bool]) -> None:
         """Tell an estimator that learns from bought labels (laplace) which pairs were bought: (row, column
-        of one response, column of the other) into the scores' (P, columns) view. It reads their features,
-        never which one won."""
+        of one response, column of the other) into the scores' (P, columns) view, and whether the first of
+        the two won. It reads their features and, to fit its prior (laplace_prior=evidence), the policy's
+        implicit-reward margin of each pair and its label: only ever of pairs already bought."""
         if pairs and hasattr(self.estimator, "observe") and "psi" in scores:
             psi = scores["psi"]                                   # (H, P, columns)
+            reward = scores["mu"] - scores["ref"] if "ref" in scores else scores["mu"]
             self.estimator.observe(torch.stack([psi[:, r, a] for r, a, _ in pairs]),
-                                   torch.stack([psi[:, r, b] for r, _, b in pairs]))
+                                   torch.stack([psi[:, r, b] for r, _, b in pairs]),
+                                   margins=torch.stack([reward[r, a] - reward[r, b] for r, a, b in pairs]),
+                                   first_won=torch.tensor(first_won, dtype=torch.bool))
+
+    def stats(self) -> Dict[str, float]:
+        """The estimator's own per-step figures (laplace: its current prior std and the pairs it has seen)."""
+        return self.estimator.stats() if hasattr(self.estimator, "stats") else {}
 
     def state_dict(self) -> Dict:
         state = {"generator": self.generator.get_state()}
@@ -284,68 +108,6 @@ class CandidateScorer:
         if hasattr(self.estimator, "load_state_dict"):
             self.estimator.load_state_dict(state)
 
-
-def selection_stats(selection: Selection, scores: Dict[str, torch.Tensor], n: int) -> Dict[str, float]:
-    """Acquisition values of selected vs rejected candidates and the mean spread (wandb/metrics.jsonl)."""
-    out = {}
-    if selection.acquisition is not None:
-        rejected = sorted(set(range(n)) - set(selection.rows))
-        for name, idx in (("selected", selection.rows), ("rejected", rejected)):
-            if idx:
-                values = selection.acquisition[idx].float()
-                out[f"acquisition/{name}_mean"] = float(values.mean())
-                out[f"acquisition/{name}_min"] = float(values.min())
-                out[f"acquisition/{name}_max"] = float(values.max())
-    if "sigma" in scores:
-        out["selection/mean_sigma"] = float(scores["sigma"].mean())
-    out.update(selection.stats)
-    return out
-
-
-def split_half_spearman(strategy: Strategy, scores: Dict[str, torch.Tensor], n: int, want: int, config) -> Optional[float]:
-    """How reproducible the acquisition ranking is: the Spearman correlation between the acquisitions
-    computed from two independent half estimates of the policy's uncertainty (None when the estimator
-    gives no halves). Its expectation for a strategy that ranks at random is 0; the full estimate's
-    reliability is higher (Spearman-Brown: 2r / (1 + r))."""
-    if "mu_halves" not in scores:
-        return None
-    acquisitions = []
-    for h in (0, 1):
-        half = dict(scores, mu=scores["mu_halves"][h], sigma=scores["sigma_halves"][h])
-        acquisitions.append(strategy.select(half, n, want, config, random.Random(0)).acquisition)
-    r = spearman(*acquisitions)
-    return None if r != r else r
-
-
-class ReliabilityLog:
-    """Per-step split-half reliability of the selection: metrics for the step, a warning the first time
-    the ranking is indistinguishable from random (r below two standard errors of a random ranking,
-    2 / sqrt(n - 1)), and the run's mean for the summary."""
-
-    def __init__(self):
-        self.values: List[float] = []
-        self.warned = False
-
-    def step(self, r: Optional[float], n: int) -> Dict[str, float]:
-        if r is None:
-            return {}
-        self.values.append(r)
-        chance = 2 / math.sqrt(max(n - 1, 1))
-        if r < chance and not self.warned:
-            self.warned = True
-            tqdm.write(f"WARNING: the acquisition ranking is indistinguishable from random (split-half Spearman {r:.2f} "
-                       f"< {chance:.2f}, two standard errors of a random ranking of {n} candidates): selection is not "
-                       "reproducible at these settings (mc_samples, llm_dropout, uncertainty_method)")
-        return {"selection/split_half_spearman": r, "selection/reliability": 2 * r / (1 + r) if r > -1 else -1.0}
-
-    def summary(self) -> Dict[str, float]:
-        return {"selection_split_half_spearman": sum(self.values) / len(self.values)} if self.values else {}
-
-    def state_dict(self) -> Dict:
-        return {"reliability": list(self.values), "reliability_warned": self.warned}
-
-    def load_state_dict(self, state: Dict) -> None:
-        self.values, self.warned = list(state.get("reliability", [])), bool(state.get("reliability_warned", False))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -416,11 +178,15 @@ class OfflineActiveSource:
                 sequences, flipped = pair_sequences(pool)
                 scores = self.scorer(sequences, columns=2)
                 self.scored += len(pool)
+            elif self.strategy.needs_lengths:
+                sequences, flipped = pair_sequences(pool)
+                scores = {"n_tokens": response_lengths(sequences).view(-1, 2)}
             view = selection_view(scores, cfg)
             if self.strategy.uses_labels:
                 view = dict(view, first_is_rejected=torch.tensor(flipped, dtype=torch.bool))
             selection = self.strategy.select(view, len(pool), want, cfg, self.rng)
-            self.scorer.observe(scores, [(i, 0, 1) for i in selection.rows])
+            if flipped:
+                self.scorer.observe(scores, [(i, 0, 1) for i in selection.rows], [not flipped[i] for i in selection.rows])
             if "ref" in scores:
                 for i in selection.rows:
                     first, second = float(scores["ref"][i, 0]), float(scores["ref"][i, 1])
@@ -428,7 +194,7 @@ class OfflineActiveSource:
                         (second, first) if flipped[i] else (first, second))
             selected = [pool[i] for i in selection.rows]
             self.labels += len(selected)
-            info = selection_stats(selection, view, len(pool))
+            info = {**selection_stats(selection, view, len(pool)), **self.scorer.stats()}
             info.update(self.reliability.step(split_half_spearman(self.strategy, view, len(pool), want, cfg), len(pool)))
             if self.strategy.uses_labels:
                 info["selection/uses_labels"] = 1.0
@@ -578,13 +344,14 @@ class OnlineSource:
                                               if distributed.is_main() else None)
             times["time/oracle_s"] = time.time() - t0
 
-            elements, labelled, bought, budget_spent = [], [], [], False
+            elements, labelled, bought, first_won, budget_spent = [], [], [], [], False
             for (i, a, b), judgment in zip(picked, judgments):
                 if judgment.winner is None:
                     self.failures += 1
                     budget_spent |= judgment.error == "budget"
                     continue
                 bought.append((i, a, b))
+                first_won.append(judgment.winner == "A")
                 winner, loser = (a, b) if judgment.winner == "A" else (b, a)
                 element = pair_element(pool[i][1], prompt_ids[i], {"chosen": candidates[i][winner], "rejected": candidates[i][loser]})
                 if "ref" in scores:
@@ -593,8 +360,8 @@ class OnlineSource:
                 labelled.append([pool[i][1], element["chosen"], element["rejected"]])
                 elements.append(element)
             self.labels += len(elements)
-            self.scorer.observe(scores, bought)
-            info = selection_stats(selection, view, len(pool))
+            self.scorer.observe(scores, bought, first_won)
+            info = {**selection_stats(selection, view, len(pool)), **self.scorer.stats()}
             info.update(self.reliability.step(split_half_spearman(self.strategy, view, len(pool), want, cfg), len(pool)))
             info.update(times)
             info.update({"labels": len(elements), "pairs": labelled, "counters/labels_bought": self.labels,

@@ -15,6 +15,7 @@ measures that scale once at load against the model's own forward, so these log-p
 forward's, and refuses models whose forward does something else.
 """
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -380,27 +381,136 @@ def analytic_head_dropout(model, input_ids: torch.Tensor, attention_mask: torch.
 # ----------------------------------------------------------------------------------------------
 # Epistemic uncertainty: a Laplace posterior over a shift of the final hidden state
 
+@torch.no_grad()
+def head_features(model, input_ids, attention_mask, labels, generator=None) -> Dict[str, torch.Tensor]:
+    """The deterministic log-prob 'mu' (B,) and the features 'psi' (H, B) of each sequence: psi = the sum
+    over its response tokens of d log p(y_t) / d h_t, how the log-prob moves when the final hidden state
+    is shifted (nats per unit of h). One trunk pass and one backward through the head."""
+    hidden, targets, rows, head, transform, logps, grad = _head_gradients(model, input_ids, attention_mask, labels)
+    b = labels.shape[0]
+    return {"mu": _sum_per_row(logps, rows, b), "psi": grad.new_zeros(b, grad.shape[-1]).index_add_(0, rows, grad).float().T}
+
+
+def _logistic_laplace(kernel: torch.Tensor, offset: torch.Tensor, outcome: torch.Tensor, beta: float,
+                      iterations: int = 50, start: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, float]:
+    """Laplace approximation of a logistic model with a Gaussian prior on the latent values f ~ N(0, kernel):
+    P(outcome_n = 1) = sigmoid(beta (offset_n + f_n)). kernel (n, n), offset (n,), outcome (n,) in {0, 1}.
+    Newton's method in the stable form of Rasmussen & Williams (2006), algorithm 3.1. Returns the mode f
+    (n,) and the approximate log marginal likelihood log p(outcome) (their eq. 3.32). `start`: an initial f."""
+    n = kernel.shape[0]
+    f = kernel.new_zeros(n) if start is None else start.clone()
+    eye = torch.eye(n, dtype=kernel.dtype, device=kernel.device)
+    objective = -math.inf
+    for _ in range(iterations):
+        pi = torch.sigmoid(beta * (offset + f))
+        w = beta ** 2 * pi * (1 - pi)
+        root = w.sqrt()
+        chol = torch.linalg.cholesky(eye + root[:, None] * kernel * root[None, :])
+        b = w * f + beta * (outcome - pi)
+        a = b - root * torch.cholesky_solve((root * (kernel @ b))[:, None], chol).squeeze(-1)
+        f = kernel @ a
+        log_lik = float(torch.nn.functional.logsigmoid(beta * (2 * outcome - 1) * (offset + f)).sum())
+        previous, objective = objective, -0.5 * float(a @ f) + log_lik
+        if abs(objective - previous) < 1e-7 * max(1.0, abs(objective)):
+            break
+    pi = torch.sigmoid(beta * (offset + f))
+    root = (beta ** 2 * pi * (1 - pi)).sqrt()
+    chol = torch.linalg.cholesky(eye + root[:, None] * kernel * root[None, :])
+    return f, objective - float(torch.log(torch.diagonal(chol)).sum())
+
+
+def evidence_prior_std(differences: torch.Tensor, margins: torch.Tensor, first_won: torch.Tensor, beta: float,
+                       low: float = 1e-3, high: float = 1e3, steps: int = 24) -> float:
+    """The prior std s of the shift u that maximises the evidence of the labels bought (type-II maximum
+    likelihood), under the model P(first wins) = sigmoid(beta (margin + d . u)), u ~ N(0, s^2 I).
+
+    differences (n, H): d = psi(first) - psi(second) of each bought pair; margins (n,): the policy's
+    implicit-reward logit (log pi - log ref of first minus that of second, nats) when the pair was bought;
+    first_won (n,) bool. The prior on f = D u is N(0, s^2 D D^T), so each evaluation is a logistic
+    Laplace approximation in the n latent values; log s is searched by golden section over [low, high].
+    Labels explained by the margins alone (what the policy already predicts) push s down; labels that a
+    shift along the pairs' features explains push it up."""
+    d = differences.double()
+    gram = d @ d.T
+    offset, outcome = margins.double(), first_won.double()
+
+    last = {}
+
+    def log_evidence(log_s: float) -> float:
+        # warm start: the mode at a nearby s, scaled as the prior variance of f is
+        near = last and abs(log_s - last["log_s"]) < 0.5
+        start = last["f"] * math.exp(2 * (log_s - last["log_s"])) if near else None
+        last["f"], value = _logistic_laplace(math.exp(2 * log_s) * gram, offset, outcome, beta, start=start)
+        last["log_s"] = log_s
+        return value
+
+    a, b = math.log(low), math.log(high)
+    ratio = (math.sqrt(5) - 1) / 2
+    x1, x2 = b - ratio * (b - a), a + ratio * (b - a)
+    f1, f2 = log_evidence(x1), log_evidence(x2)
+    for _ in range(steps):
+        if f1 >= f2:
+            b, x2, f2 = x2, x1, f1
+            x1 = b - ratio * (b - a)
+            f1 = log_evidence(x1)
+        else:
+            a, x1, f1 = x1, x2, f2
+            x2 = a + ratio * (b - a)
+            f2 = log_evidence(x2)
+    return math.exp((a + b) / 2)
+
+
+LAPLACE_PRIORS = ("unit_logit", "fixed", "evidence")   # how LaplaceEstimator sets its prior std
+
+# The evidence is refitted after every purchase while few pairs are bought, then whenever their number
+# has grown by this share (each fit costs O(n^3) in the n pairs bought).
+REFIT_ALL_UNTIL = 512
+REFIT_GROWTH = 0.1
+
+
 class LaplaceEstimator:
     """Epistemic spread of log pi that shrinks as labels are bought (a neural-linear / last-layer Laplace
     model). The policy's uncertain part is a shift u (H,) of its final hidden state, shared by every
-    position, with prior u ~ N(0, prior_std^2 I). To first order log pi_u(a) = log pi(a) + u . psi(a),
-    psi(a) = sum over the response's tokens of d log p(y_t) / d h_t (H,). Each bought pair (a, b) is a
-    DPO observation of u . (psi(a) - psi(b)) through sigmoid(beta * .), whose Fisher information is at
-    most beta^2 / 4 * d d^T; so the posterior precision is
-        Lambda = I / prior_std^2 + beta^2 / 4 * sum_pairs d d^T,    d = psi(a) - psi(b),
-    and the spread of a candidate is sqrt(psi^T Lambda^-1 psi) (nats). It does not read the labels
-    (d d^T is the same in either orientation), is deterministic, and shrinks only along the feature
-    directions of the pairs bought: D-optimal selection in the space of the last layer."""
+    position, with prior u ~ N(0, s^2 I). To first order log pi_u(a) = log pi(a) + u . psi(a) (head_features).
+    Each bought pair (a, b) is a DPO observation of u . (psi(a) - psi(b)) through sigmoid(beta * .), whose
+    Fisher information is at most beta^2 / 4 * d d^T; so the posterior precision is
+        Lambda = I / s^2 + beta^2 / 4 * sum_pairs d d^T,    d = psi(a) - psi(b),
+    and the spread of a candidate is sqrt(psi^T Lambda^-1 psi) (nats).
 
-    def __init__(self, prior_std: float, beta: float):
-        self.prior_std, self.beta = float(prior_std), float(beta)
-        self.precision: Optional[torch.Tensor] = None    # (H, H) float64, created at the first call
+    One pair shrinks the variance along its direction by 1 / (1 + beta^2 / 4 s^2 |d|^2), so s decides whether
+    the posterior moves within a budget of labels. How s is set (`prior`):
+    'unit_logit' (label-free): s = 1 / (beta rms|d|) over the first pairs bought, the prior under which a
+        typical pair's implicit-reward logit beta d . u has std 1; each pair then shrinks its direction's
+        variance by about 1 / 1.25. Until the first purchase s = prior_std.
+    'fixed' (label-free): s = prior_std throughout.
+    'evidence': s starts at prior_std and is refitted after purchases to maximise the evidence of their
+        labels (evidence_prior_std, reading the labels and the policy's margins of the pairs bought). It is
+        identifiable only once the pairs outnumber the feature directions they span.
+    The label-free rules read the pairs bought, never which side won.
+    Either way it is deterministic and shrinks only along the feature directions of the pairs bought:
+    D-optimal selection in the space of the last layer."""
+
+    def __init__(self, prior_std: float, beta: float, prior: str = "fixed"):
+        """fitted_at: pairs seen when s was last set by the rule (0: not yet)."""
+        if prior not in LAPLACE_PRIORS:
+            raise ValueError(f"laplace prior must be one of {', '.join(LAPLACE_PRIORS)}, got {prior!r}")
+        self.prior_std, self.beta, self.prior = float(prior_std), float(beta), prior
+        self.fisher: Optional[torch.Tensor] = None       # (H, H) float64: beta^2 / 4 sum d d^T
+        self.differences: Optional[torch.Tensor] = None  # (n, H) float32, evidence only
+        self.margins = torch.zeros(0)
+        self.first_won = torch.zeros(0, dtype=torch.bool)
+        self.fitted_at = 0
+        self.n_observed = 0
         self._covariance: Optional[torch.Tensor] = None
 
     def _ensure(self, hidden_size: int, device) -> None:
-        if self.precision is None:
-            self.precision = torch.eye(hidden_size, dtype=torch.float64, device=device) / self.prior_std ** 2
-        self.precision = self.precision.to(device)
+        if self.fisher is None:
+            self.fisher = torch.zeros(hidden_size, hidden_size, dtype=torch.float64, device=device)
+        self.fisher = self.fisher.to(device)
+
+    @property
+    def precision(self) -> torch.Tensor:
+        return torch.eye(self.fisher.shape[0], dtype=torch.float64, device=self.fisher.device) / self.prior_std ** 2 + self.fisher
 
     def covariance(self) -> torch.Tensor:
         if self._covariance is None:
@@ -409,26 +519,59 @@ class LaplaceEstimator:
 
     @torch.no_grad()
     def __call__(self, model, input_ids, attention_mask, labels, generator=None) -> Dict[str, torch.Tensor]:
-        """mu (B,) deterministic log-prob, sigma (B,) posterior spread, psi (H, B) features (nats per unit of h)."""
-        hidden, targets, rows, head, transform, logps, grad = _head_gradients(model, input_ids, attention_mask, labels)
-        b = labels.shape[0]
-        psi = grad.new_zeros(b, grad.shape[-1]).index_add_(0, rows, grad).double()
+        """mu (B,) deterministic log-prob, sigma (B,) posterior spread, sigma_prior (B,) the spread before
+        any label (s |psi|), psi (H, B) features."""
+        out = head_features(model, input_ids, attention_mask, labels)
+        psi = out["psi"].T.double()
         self._ensure(psi.shape[-1], psi.device)
         variance = ((psi @ self.covariance()) * psi).sum(-1).clamp(min=0.0)
-        return {"mu": _sum_per_row(logps, rows, b), "sigma": variance.sqrt().float(), "psi": psi.float().T}
+        return {**out, "sigma": variance.sqrt().float(), "sigma_prior": (self.prior_std * psi.norm(dim=-1)).float()}
 
-    def observe(self, first: torch.Tensor, second: torch.Tensor) -> None:
-        """Add bought pairs to the posterior: first, second (n, H) features psi of each pair's responses."""
+    def observe(self, first: torch.Tensor, second: torch.Tensor, margins: Optional[torch.Tensor] = None,
+                first_won: Optional[torch.Tensor] = None) -> None:
+        """Add bought pairs: first, second (n, H) features psi of each pair's responses; for prior='evidence'
+        also margins (n,) (the policy's implicit-reward logit of first over second when bought, nats) and
+        first_won (n,) bool, the labels."""
         d = (first - second).double()
         self._ensure(d.shape[-1], d.device)
-        self.precision = self.precision + self.beta ** 2 / 4.0 * d.T @ d
+        self.fisher = self.fisher + self.beta ** 2 / 4.0 * d.T @ d
+        self.n_observed += len(d)
         self._covariance = None
+        if self.prior == "unit_logit" and not self.fitted_at and len(d):
+            self.prior_std = 1.0 / (self.beta * float(d.pow(2).sum(-1).mean().sqrt().clamp(min=1e-12)))
+            self.fitted_at = len(d)
+        if self.prior != "evidence":
+            return
+        if margins is None or first_won is None:
+            raise ValueError("laplace prior='evidence' needs the margins and labels of the pairs bought")
+        self.differences = d.float().cpu() if self.differences is None else torch.cat([self.differences, d.float().cpu()])
+        self.margins = torch.cat([self.margins, margins.float().cpu()])
+        self.first_won = torch.cat([self.first_won, first_won.bool().cpu()])
+        n = self.n_observed
+        if n <= REFIT_ALL_UNTIL or n >= (1 + REFIT_GROWTH) * self.fitted_at:
+            self.prior_std = evidence_prior_std(self.differences, self.margins, self.first_won, self.beta)
+            self.fitted_at = n
+
+    def stats(self) -> Dict[str, float]:
+        return {"selection/laplace_prior_std": self.prior_std, "selection/laplace_pairs": float(self.n_observed)}
 
     def state_dict(self) -> Dict:
-        return {"laplace_precision": None if self.precision is None else self.precision.cpu()}
+        return {"laplace_fisher": None if self.fisher is None else self.fisher.cpu(), "laplace_prior_std": self.prior_std,
+                "laplace_differences": self.differences, "laplace_margins": self.margins,
+                "laplace_first_won": self.first_won, "laplace_fitted_at": self.fitted_at,
+                "laplace_pairs": self.n_observed}
 
     def load_state_dict(self, state: Dict) -> None:
-        self.precision, self._covariance = state.get("laplace_precision"), None
+        self.fisher, self._covariance = state.get("laplace_fisher"), None
+        if self.fisher is None and state.get("laplace_precision") is not None:   # checkpoints of the fixed prior only
+            precision = state["laplace_precision"]
+            self.fisher = precision - torch.eye(precision.shape[0], dtype=precision.dtype) / self.prior_std ** 2
+        self.prior_std = float(state.get("laplace_prior_std", self.prior_std))
+        self.differences = state.get("laplace_differences")
+        self.margins = state.get("laplace_margins", torch.zeros(0))
+        self.first_won = state.get("laplace_first_won", torch.zeros(0, dtype=torch.bool))
+        self.fitted_at = int(state.get("laplace_fitted_at", 0))
+        self.n_observed = int(state.get("laplace_pairs", self.margins.numel()))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -470,7 +613,8 @@ def analytic_head_estimator(config) -> Estimator:
 
 
 def laplace_estimator(config) -> LaplaceEstimator:
-    return LaplaceEstimator(prior_std=float(config.laplace_prior_std), beta=float(config.loss.beta))
+    return LaplaceEstimator(prior_std=float(config.laplace_prior_std), beta=float(config.loss.beta),
+                            prior=str(config.laplace_prior))
 
 
 def policy_logps(model, input_ids, attention_mask, labels, generator=None) -> Dict[str, torch.Tensor]:

@@ -36,7 +36,7 @@ def check_config(config: DictConfig) -> None:
     if config.loss.name == "sft" and (config.active or config.online):
         raise ConfigError("loss=sft cannot be combined with active=true or online=true; use loss=dpo (or ipo)")
     if config.active or config.online:
-        from data_selection import STRATEGIES, strategy_names
+        from strategies import STRATEGIES, strategy_names
         from scoring import ESTIMATORS, MONTE_CARLO_ESTIMATORS
         mode = "online" if config.online else "offline"
         allowed = strategy_names(mode)
@@ -63,6 +63,9 @@ def check_config(config: DictConfig) -> None:
             raise ConfigError(f"{key}={config[key]} must be an integer")
     if not 0.0 <= float(config.pretrain_fraction) < 1.0:
         raise ConfigError(f"pretrain_fraction={config.pretrain_fraction} must be in [0, 1)")
+    from scoring import LAPLACE_PRIORS
+    if config.laplace_prior not in LAPLACE_PRIORS:
+        raise ConfigError(f"laplace_prior={config.laplace_prior} is unknown; allowed: {', '.join(LAPLACE_PRIORS)}")
     if not float(config.laplace_prior_std) > 0:
         raise ConfigError(f"laplace_prior_std={config.laplace_prior_std} must be > 0 (the prior std of the laplace estimator)")
     if not 0.0 <= float(config.llm_dropout) < 1.0:

@@ -107,7 +107,8 @@ def build_pool(config, args) -> Tuple[object, object, object, List[Dict], int, i
 def score_once(config, overrides, policy, reference, tokenizer, sequences, columns, kept, seed, device):
     """(acquisition (P,), selected rows, stats, seconds, scores) of one independent draw."""
     from omegaconf import OmegaConf
-    from data_selection import STRATEGIES, CandidateScorer, selection_view
+    from data_selection import CandidateScorer
+    from strategies import STRATEGIES, selection_view
     cfg = OmegaConf.merge(config, OmegaConf.from_dotlist(overrides))
     strategy = STRATEGIES[cfg.selection_strategy]
     scorer = CandidateScorer(strategy, policy, reference, cfg, tokenizer.pad_token_id, device, seed=seed)
@@ -123,7 +124,7 @@ def score_once(config, overrides, policy, reference, tokenizer, sequences, colum
 
 def ground_truth(policy, tokenizer, sequences, columns, args, gamma):
     """Head-dropout Monte Carlo (--truth-k masks) against the closed form, on the first sequences."""
-    from data_selection import ae_acquisition, spearman
+    from strategies import ae_acquisition, spearman
     from preference_datasets import collate
     from scoring import analytic_head_dropout, mc_dropout_samples
     n = max(1, args.truth_sequences // columns) * columns
@@ -162,7 +163,7 @@ def laplace_ground_truth(config, policy, tokenizer, sequences, columns, args, ga
     state, log pi recomputed through the head for each (no linearisation), on the first sequences; first
     at the prior (the first step), then after the posterior has observed the rest of the pool as pairs of
     consecutive sequences (jeopardy: its candidate pairs; haikus: two answers of one model to one prompt)."""
-    from data_selection import ae_acquisition, spearman
+    from strategies import ae_acquisition, spearman
     from preference_datasets import collate
     from scoring import _response_hidden, _sum_per_row, laplace_estimator, token_logps
     n = max(1, args.truth_sequences // columns) * columns
@@ -175,11 +176,11 @@ def laplace_ground_truth(config, policy, tokenizer, sequences, columns, args, ga
     with torch.no_grad():
         hidden, targets, rows, head, transform = _response_hidden(policy.eval(), ids, mask, labels)
     generator = torch.Generator(device=args.device).manual_seed(54321)
-    print(f"\nGround truth for laplace (prior std {estimator.prior_std}): {args.laplace_truth_draws} posterior "
+    print(f"\nGround truth for laplace (laplace_prior={estimator.prior}): {args.laplace_truth_draws} posterior "
           f"shifts of the final hidden state on {n} sequences, log pi recomputed exactly for each")
-    print("| posterior | Spearman of spread vs truth | mean ratio sigma / truth | Spearman of AE acquisition | "
-          "mean of draws - log pi (sigma) |")
-    print("|---|---|---|---|---|")
+    print("| posterior | prior std | Spearman of spread vs truth | mean ratio sigma / truth | "
+          "Spearman of AE acquisition | mean of draws - log pi (sigma) |")
+    print("|---|---|---|---|---|---|")
     for stage in ("prior (first step)", "after the rest of the pool"):
         if stage != "prior (first step)":
             rest = sequences[n:n + 2 * ((len(sequences) - n) // 2)]
@@ -206,7 +207,8 @@ def laplace_ground_truth(config, policy, tokenizer, sequences, columns, args, ga
         else:
             row.append(float("nan"))
         bias = float(((draws.mean(0) - scores["mu"]) / truth).mean())
-        print(f"| {stage} | {row[0]:.3f} | {row[1]:.3f} | {row[2]:.3f} | {bias:.2f} |  ({time.perf_counter() - t0:.0f} s)")
+        print(f"| {stage} | {estimator.prior_std:.3g} | {row[0]:.3f} | {row[1]:.3f} | {row[2]:.3f} | {bias:.2f} |  "
+              f"({time.perf_counter() - t0:.0f} s)")
 
 
 def naive_pass_cost(config, policy, reference, tokenizer, sequences, columns, kept, args) -> Tuple[float, float]:
@@ -253,7 +255,7 @@ def main() -> None:
     args = parser.parse_args()
     sys.stdout.reconfigure(line_buffering=True)  # progress shows when the output goes to a file
     torch.set_num_threads(args.threads)
-    from data_selection import spearman
+    from strategies import spearman
 
     config = compose(task_overrides(args.task, args) + list(args.extra))
     tokenizer, policy, reference, sequences, columns, kept = build_pool(config, args)

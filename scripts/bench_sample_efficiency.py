@@ -6,17 +6,23 @@ baseline (learning-curve PNGs, final mean +- std over seeds, AUC, labels needed 
 baseline's final value, Welch's t-test) and the table is printed and written to <out>/comparison.md.
 
     jeopardy  offline. SmolLM2-135M-Instruct + LoRA, no SFT stage (the model is instruction-tuned);
-              pairs correct > abstain > wrong from the J! Archive file; ae and us against uniform.
-              Metrics on held-out clues: jeopardy/{wrong,abstain,correct}_rate of greedy answers and
-              rewards_eval/accuracies.
+              pairs correct > abstain > wrong from the J! Archive file; ae, us and the ablations gradnorm
+              (largest expected gradient) and length (longest responses) against uniform. --split dev |
+              validation keeps one half of the shows (a fixed hash of show_number, written once to
+              <out>/data/): tune on dev, report on validation once. Metrics on held-out clues:
+              jeopardy/{wrong,abstain,correct}_rate of greedy answers, rewards_eval/accuracies, loss/eval.
     haikus    online. The strict 5-7-5 rows of haiku_test.csv (task_rules.is_strict_haiku) are written
               to <out>/data/{train,test}.csv (split by keyword set, so no test prompt is seen in
               training); a ~3.7M-parameter tiny Llama is SFT'd on them once (<out>/sft/); then online
               DPO from that checkpoint with the rule oracle: borda against uniref. Metrics: haiku/*
               of greedy answers on the held-out prompts and win_rate/win_rate against the SFT model.
-    hh        offline. Per seed, a tiny Llama is SFT'd on the seed's pretrain share (30%) of
-              hh_sample.jsonl (<out>/sft/), then DPO with labels chosen from the other 70%: ae and us
-              against uniform. Metric: held-out preference accuracy of the implicit reward.
+    hh        offline. SmolLM2-135M-Instruct + LoRA is SFT'd once on the pretrain share (30%, fixed by
+              split_seed) of hh_sample.jsonl (<out>/sft/), then DPO with labels chosen from the other 70%:
+              ae, us, gradnorm and length against uniform. Metrics: held-out preference accuracy of the
+              implicit reward and held-out DPO loss.
+
+A strategy is `name[/estimator][@key=value,...]`: `uniform@lr=5e-4` is uniform at another learning rate
+(compare_runs then names it `uniform@lr=0.0005`; pass that, or the spec, as --baseline).
 
 Runs live in <out>/runs/<task>_<strategy>_s<seed>_<timestamp>/. A run whose summary.json exists is
 skipped; one that was interrupted after a checkpoint is resumed (`resume=`); one interrupted before
@@ -28,7 +34,7 @@ weights (small), which later seeds start from. Each run's console output goes to
 How long (CPU defaults, 1 thread per run, measured on 2 CPU cores with 2-3 runs side by side):
 jeopardy 7-10 min per uniform run, 10-14 min per us or ae run, so 15 runs (5 seeds) are ~2.8 h of
 run time, ~1.5 h with two invocations of disjoint seeds; haikus SFT 10 min, then ~35 s per uniref
-run and ~2.5 min per borda run on a free core; hh ~4 min per seed (SFT and three DPO runs). Time
+run and ~2.5 min per borda run on a free core. Time
 grows linearly with seeds and labels. `--device cuda` uses bigger defaults (train.py picks the GPU
 by itself when one is present).
 
@@ -45,6 +51,8 @@ HF_DATASETS_OFFLINE=1 and WANDB_MODE=disabled are set for them unless already se
 """
 import argparse
 import csv
+import hashlib
+import json
 import os
 import random
 import re
@@ -67,7 +75,7 @@ DEFAULTS = {
     "cpu": {
         "jeopardy": {"labels": 240, "evals": 3, "n_eval": 48, "n_samples": 48},
         "haikus": {"labels": 256, "evals": 4, "n_eval": 64, "n_samples": 128, "sft_examples": 12000},
-        "hh": {"labels": 480, "evals": 4, "n_eval": 256, "n_samples": 0, "sft_examples": 2400},
+        "hh": {"labels": 120, "evals": 3, "n_eval": 64, "n_samples": 0, "sft_examples": 256},
     },
     "cuda": {
         "jeopardy": {"labels": 1024, "evals": 6, "n_eval": 256, "n_samples": 256},
@@ -85,14 +93,13 @@ HAIKU_TINY = ["model=tiny", "model.architecture.vocab_size=2048", "model.archite
 @dataclass
 class Task:
     """strategies: the baseline first. dpo(args, strategy): overrides of a preference run (seed,
-    names and directories are added by the caller). sft(args): overrides of the SFT stage, or None
-    without one; sft_per_seed: one SFT run per seed (its data split depends on the seed) or one shared."""
+    names and directories are added by the caller). sft(args): overrides of the SFT stage that every seed
+    starts from (split_seed fixes its data share), or None without one."""
     name: str
     strategies: List[str]
     metrics: List[str]
     dpo: Callable[[argparse.Namespace, str], List[str]]
     sft: Optional[Callable[[argparse.Namespace], List[str]]] = None
-    sft_per_seed: bool = False
     prepare: Optional[Callable[[argparse.Namespace], None]] = field(default=None, repr=False)
 
 
@@ -105,12 +112,48 @@ def budget_overrides(args) -> List[str]:
             f"n_eval_examples={args.n_eval}", f"n_eval_model_samples={args.n_samples}"]
 
 
+JEOPARDY_SPLITS = ("all", "dev", "validation")
+
+
+def jeopardy_split(show_number) -> str:
+    """'dev' or 'validation' for a show: a fixed hash of its show_number, so every clue of a show lands in
+    the same half, any clues file splits the same way, and a show's half never depends on the others."""
+    digest = hashlib.sha256(f"jeopardy-show|{str(show_number).strip()}".encode()).digest()
+    return "dev" if digest[0] % 2 == 0 else "validation"
+
+
+def jeopardy_clues(args) -> str:
+    """The clues file the runs read: the --data-dir file itself (--split all), or the shows of one half of
+    it written once to <out>/data/jeopardy_clues.<split>.json (same J! Archive JSON format)."""
+    source = data_file(args, "jeopardy")
+    if args.split == "all":
+        return source
+    target = os.path.join(os.path.abspath(args.out), "data", f"jeopardy_clues.{args.split}.json")
+    if os.path.exists(target) or args.dry_run:
+        return target
+    with open(source, encoding="utf-8") as f:
+        try:
+            rows = json.load(f)
+        except json.JSONDecodeError as e:
+            sys.exit(f"error: {source}: not a JSON list of J! Archive clues ({e})")
+    if not isinstance(rows, list) or any(not isinstance(r, dict) or "show_number" not in r for r in rows):
+        sys.exit(f"error: {source}: expected a JSON list of clue objects, each with a show_number")
+    keep = [r for r in rows if jeopardy_split(r["show_number"]) == args.split]
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    with open(target + ".tmp", "w", encoding="utf-8") as f:
+        f.write("[\n" + ",\n".join(json.dumps(r, ensure_ascii=False) for r in keep) + "\n]\n")
+    os.replace(target + ".tmp", target)
+    shows = {str(r["show_number"]) for r in keep}
+    print(f"jeopardy: {len(keep)} of {len(rows)} clues ({len(shows)} shows) in the {args.split} half -> {target}")
+    return target
+
+
 def jeopardy_dpo(args, strategy: str) -> List[str]:
     # lr 1e-3 from CPU pilots (uniform): at 64 labels 5e-4 barely moved the LoRA (held-out loss 0.677);
     # 2e-3 was noisy (after 48 labels the loss was above its starting 0.693 in 3 of 5 seeds, up to
     # 0.740); 1e-3 lowered it steadily over 240 labels (0.693 -> 0.658 -> 0.641 -> 0.596, seed 0).
     return ["model=smollm2-135m", "lora=true", "datasets=[jeopardy]",
-            f"dataset_files.jeopardy={data_file(args, 'jeopardy')}",
+            f"dataset_files.jeopardy={jeopardy_clues(args)}",
             "loss=dpo", "loss.beta=0.1", "active=true", f"selection_strategy={strategy}", "selection_ratio=3",
             "batch_size=8", "eval_batch_size=16", "optimizer=AdamW", "lr=1e-3", "warmup_steps=2",
             "max_length=96", "max_prompt_length=80", "generation.max_new_tokens=16", *budget_overrides(args)]
@@ -172,23 +215,23 @@ def write_strict_haikus(args) -> None:
 
 
 def hh_common(args) -> List[str]:
-    return ["model=tiny", "datasets=[hh]", f"dataset_files.hh={data_file(args, 'hh')}",
-            "pretrain_fraction=0.3", "optimizer=AdamW", "max_length=192", "max_prompt_length=128", "eval_batch_size=32"]
+    # SmolLM2-135M-Instruct + LoRA: the tiny model learns nothing on hh that transfers (section 3 of RESULTS)
+    return ["model=smollm2-135m", "lora=true", "datasets=[hh]", f"dataset_files.hh={data_file(args, 'hh')}",
+            "pretrain_fraction=0.3", "optimizer=AdamW", "max_length=160", "max_prompt_length=96", "eval_batch_size=16"]
 
 
 def hh_sft(args) -> List[str]:
-    return [*hh_common(args), "loss=sft", "lr=1e-3", "warmup_steps=20", "batch_size=16",
+    return [*hh_common(args), "loss=sft", "lr=5e-4", "warmup_steps=4", "batch_size=8",
             f"n_examples={args.sft_examples}", f"eval_every={args.sft_examples}", f"n_eval_examples={args.n_eval}"]
 
 
 def hh_dpo(args, strategy: str) -> List[str]:
-    # lr 5e-4: half the SFT stage's rate, not tuned by a pilot
     return [*hh_common(args), "loss=dpo", "loss.beta=0.1", "active=true", f"selection_strategy={strategy}",
-            "selection_ratio=3", "batch_size=8", "lr=5e-4", "warmup_steps=0", *budget_overrides(args)]
+            "selection_ratio=3", "batch_size=8", "lr=1e-3", "warmup_steps=2", *budget_overrides(args)]
 
 
 TASK_SPECS = {
-    "jeopardy": Task("jeopardy", ["uniform", "us", "ae", "headroom"],
+    "jeopardy": Task("jeopardy", ["uniform", "ae", "us", "gradnorm", "length", "headroom"],
                      ["jeopardy/wrong_rate", "jeopardy/abstain_rate", "jeopardy/correct_rate", "rewards_eval/accuracies",
                       "loss/eval"],
                      jeopardy_dpo),
@@ -196,8 +239,8 @@ TASK_SPECS = {
                    ["haiku/strict_valid_rate", "haiku/three_line_rate", "haiku/mean_syllable_distance",
                     "haiku/keyword_inclusion_rate", "win_rate/win_rate"],
                    haiku_dpo, sft=haiku_sft, prepare=write_strict_haikus),
-    "hh": Task("hh", ["uniform", "us", "ae", "headroom"], ["rewards_eval/accuracies", "loss/eval"],
-               hh_dpo, sft=hh_sft, sft_per_seed=True),
+    "hh": Task("hh", ["uniform", "ae", "us", "gradnorm", "length"], ["rewards_eval/accuracies", "loss/eval"],
+               hh_dpo, sft=hh_sft),
 }
 
 
@@ -286,6 +329,23 @@ class Runner:
         return done
 
 
+def parse_spec(spec: str):
+    """'strategy[/estimator][@key=value,...]' -> (strategy, estimator or '', ['key=value', ...]): e.g.
+    'uniform@lr=5e-4' (uniform at another learning rate), 'ae/laplace@laplace_prior=fixed'."""
+    name, _, settings = spec.partition("@")
+    strategy, _, estimator = name.partition("/")
+    extra = [item for item in settings.split(",") if item]
+    bad = [item for item in extra if "=" not in item]
+    if bad:
+        sys.exit(f"error: strategy {spec}: expected key=value after '@', got {bad[0]!r}")
+    return strategy, estimator, extra
+
+
+def spec_slug(spec: str) -> str:
+    """A spec as a run-name part: 'ae/laplace@lr=5e-4' -> 'ae-laplace_lr5e-4'."""
+    return re.sub(r"[^A-Za-z0-9._+-]", "", spec.replace("/", "-").replace("@", "_").replace(",", "_"))
+
+
 def compared_metrics(task: Task, n_samples: int) -> List[str]:
     """The task's metrics that its runs log: without held-out answers (--n-samples 0) only the held-out
     pair metrics exist. Empty: let compare_runs take every eval metric the runs share."""
@@ -300,27 +360,23 @@ def run_task(task: Task, args) -> None:
     if task.prepare is not None and not args.dry_run:
         task.prepare(args)
     strategies = args.strategies or task.strategies
-    shared_sft = None
-    if task.sft is not None and not task.sft_per_seed:
-        shared_sft = runner.ensure(sft_base, f"{task.name}_sft", task.sft(args), keep_final_weights=True)
+    archive = None
+    if task.sft is not None:
+        archive = runner.ensure(sft_base, f"{task.name}_sft", task.sft(args), keep_final_weights=True)
     for seed in args.seeds:
-        archive = shared_sft
-        if task.sft is not None and task.sft_per_seed:
-            archive = runner.ensure(sft_base, f"{task.name}_sft_s{seed}", [*task.sft(args), f"seed={seed}"],
-                                    keep_final_weights=True)
         for spec in strategies:
-            strategy, _, estimator = spec.partition("/")
+            strategy, estimator, extra = parse_spec(spec)
             overrides = [*task.dpo(args, strategy), *([f"uncertainty_method={estimator}"] if estimator else []),
-                         f"seed={seed}", *args.set]
+                         *extra, f"seed={seed}", *args.set]
             if task.sft is not None:
                 overrides.append(f"model.archive={archive or '<SFT run directory>'}")
-            runner.ensure(runs, f"{task.name}_{spec.replace('/', '-')}_s{seed}", overrides)
+            runner.ensure(runs, f"{task.name}_{spec_slug(spec)}_s{seed}", overrides)
     if args.dry_run:
         return
     print(f"{task.name}: all runs finished; {time.time() - start:.0f} s in this invocation")
     metrics = compared_metrics(task, args.n_samples)
     compare = [sys.executable, os.path.join(ROOT, "scripts", "compare_runs.py"), runs, "--out", out,
-               "--baseline", strategies[0], *(["--metrics", ",".join(metrics)] if metrics else [])]
+               "--baseline", args.baseline or strategies[0], *(["--metrics", ",".join(metrics)] if metrics else [])]
     print("$ " + " ".join(compare), flush=True)
     if subprocess.call(compare, cwd=ROOT) != 0:
         sys.exit(f"{task.name}: compare_runs failed")
@@ -331,7 +387,13 @@ def main(argv=None) -> int:
     parser.add_argument("--task", required=True, choices=[*TASKS, "all"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--strategies", nargs="+", help="strategies to run, the baseline first, each optionally with "
-                        "its estimator: e.g. uniform ae/head_analytic ae/laplace headroom (default: the task's)")
+                        "its estimator and train.py overrides: e.g. uniform@lr=5e-4 ae/laplace gradnorm length "
+                        "ae/laplace@laplace_prior=fixed (default: the task's)")
+    parser.add_argument("--baseline", help="the strategy the others are compared with, as compare_runs names it, "
+                        "e.g. uniform@lr=0.0005 (default: the first of --strategies)")
+    parser.add_argument("--split", choices=JEOPARDY_SPLITS, default="all",
+                        help="jeopardy: which shows of the clues file to use: all, or the dev / validation half "
+                             "(by a fixed hash of show_number; tune on dev, report on validation once)")
     parser.add_argument("--labels", type=int, help="label budget of each preference run (default: per task and device)")
     parser.add_argument("--evals", type=int, help="evaluations after the first one (eval_every = labels / evals)")
     parser.add_argument("--n-eval", type=int, help="held-out pairs scored at each eval (n_eval_examples)")

@@ -53,7 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def worker(args) -> None:
     """One launch: build the run's models as train.py does, then time scoring and DPO steps."""
     import distributed
-    from data_selection import STRATEGIES, CandidateScorer
+    from data_selection import CandidateScorer
+    from strategies import STRATEGIES
     from models import build_models
     from preference_datasets import collate
     from scoring import response_logps

@@ -210,7 +210,7 @@ def score_naive(model, sequences: List[Dict], k: int, p: float, batch_size: int,
 
 
 def ae_values(scores: Dict[str, torch.Tensor], gamma: float) -> torch.Tensor:
-    from data_selection import ae_acquisition
+    from strategies import ae_acquisition
     return ae_acquisition(scores["mu"].view(-1, 2), scores["sigma"].view(-1, 2), scores["ref"].view(-1, 2), gamma)
 
 

@@ -5,7 +5,8 @@
 Every directory holding both metrics.jsonl and config.yaml (at any depth under the given paths) is a
 run; one without summary.json (still running, or stopped) is left out unless --include-unfinished.
 Runs are grouped by `selection_strategy` ('none' for plain SFT/DPO) and, within a strategy, by `seed`
-(one run per strategy and seed). For each metric, a strategy's learning curve is the mean over seeds
+(one run per strategy and seed). Runs of one strategy at different learning rates or laplace priors
+(`VARIANT_KEYS`) are told apart by their settings: 'uniform@lr=0.0005'. For each metric, a strategy's learning curve is the mean over seeds
 of the metric against labels (labels bought/used so far), with a band of +-1 sample standard deviation
 across seeds. Seeds are aligned on the union of their eval label counts inside the label
 range that every seed covers, each seed linearly interpolated there.
@@ -88,13 +89,50 @@ def strategy_of(config: Dict[str, Any]) -> str:
     name = config.get("selection_strategy")
     if not name:
         return "none"
-    from data_selection import STRATEGIES
+    from strategies import STRATEGIES
     strategy = STRATEGIES.get(name)
     if strategy is not None and strategy.needs_spread and config.get("uncertainty_method"):
         name = f"{name}/{config['uncertainty_method']}"
     if strategy is not None and strategy.uses_labels:
         name = f"{name} (uses labels)"
     return name
+
+
+# Settings that tell runs of one strategy apart when they differ among its runs (a learning-rate sweep,
+# the laplace prior): the strategy's name then carries them, 'uniform@lr=0.0005'.
+VARIANT_KEYS = ("lr", "laplace_prior", "laplace_prior_std")
+
+
+def _setting(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def name_variants(runs: Sequence["Run"]) -> None:
+    """Append '@key=value,...' to the strategy of runs whose VARIANT_KEYS differ among the runs of that
+    strategy, in place; a strategy run at one setting keeps its plain name."""
+    by_strategy: Dict[str, List[Run]] = {}
+    for run in runs:
+        by_strategy.setdefault(run.strategy, []).append(run)
+    for members in by_strategy.values():
+        keys = [k for k in VARIANT_KEYS if len({_setting(r.config.get(k)) for r in members}) > 1]
+        for run in members if keys else []:
+            run.strategy += "@" + ",".join(f"{k}={_setting(run.config.get(k))}" for k in keys)
+
+
+def same_strategy(name: str, requested: str) -> bool:
+    """Whether a strategy name matches a requested one, settings compared as numbers where they are
+    ('uniform@lr=5e-4' matches 'uniform@lr=0.0005')."""
+    def parts(text):
+        base, _, settings = text.partition("@")
+        out = {}
+        for item in filter(None, settings.split(",")):
+            key, _, value = item.partition("=")
+            try:
+                out[key] = float(value)
+            except ValueError:
+                out[key] = value
+        return base, out
+    return parts(name) == parts(requested)
 
 
 def make_run(path: str, config: Dict[str, Any], records: List[Dict[str, Any]]) -> Run:
@@ -124,6 +162,7 @@ def load_runs(paths: Sequence[str], include_unfinished: bool = False) -> List[Ru
         with open(os.path.join(d, "config.yaml")) as f:
             config = yaml.safe_load(f) or {}
         runs.append(make_run(d, config, read_jsonl(os.path.join(d, "metrics.jsonl"))))
+    name_variants(runs)
     return runs
 
 
@@ -298,10 +337,11 @@ def welch_t_test(a: Sequence[float], b: Sequence[float]) -> Tuple[float, float, 
 def resolve_baseline(strategies: Sequence[str], requested: Optional[str]) -> Optional[str]:
     """The requested baseline (an error if no run has it), else the first of DEFAULT_BASELINES present, else None."""
     if requested is not None:
-        if requested not in strategies:
+        match = [s for s in strategies if same_strategy(s, requested)]
+        if not match:
             raise CompareError(f"--baseline {requested}: no run has that strategy; "
                                f"strategies: {', '.join(sorted(strategies))}")
-        return requested
+        return match[0]
     return next((s for s in DEFAULT_BASELINES if s in strategies), None)
 
 

@@ -5,8 +5,7 @@ import random
 import pytest
 import torch
 
-from data_selection import (STRATEGIES, ae_acquisition, borda_acquisition, borda_bounds, top_k,
-                            us_acquisition)
+from strategies import STRATEGIES, ae_acquisition, borda_acquisition, borda_bounds, top_k, us_acquisition
 
 
 def test_ae_picks_the_widest_interval_on_the_better_response():
@@ -138,7 +137,7 @@ def test_select_borda_keeps_the_widest_gaps_and_sends_the_best_policy_sample_aga
     The reference columns carry their own spread, at other positions, so reading the wrong half moves
     the chosen sample."""
     from omegaconf import OmegaConf
-    from data_selection import select_borda
+    from strategies import select_borda
     m = 3
     mu, ref = torch.zeros(3, 2 * m), torch.zeros(3, 2 * m)
     sigma = torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
@@ -162,7 +161,7 @@ def test_select_borda_keeps_the_widest_gaps_and_sends_the_best_policy_sample_aga
 
 
 def test_spearman_by_hand_with_ties():
-    from data_selection import spearman
+    from strategies import spearman
     assert spearman(torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([10.0, 20.0, 30.0, 40.0])) == pytest.approx(1.0)
     assert spearman(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([3.0, 2.0, 1.0])) == pytest.approx(-1.0)
     # ranks (0, 1.5, 1.5, 3) against (0, 1, 2, 3): Pearson of the ranks
@@ -174,7 +173,7 @@ def test_spearman_by_hand_with_ties():
 def test_split_half_reliability_recovers_a_known_intraclass_correlation(icc):
     """Two half estimates = a per-pair signal plus independent noise with ICC = var(signal) / var(total):
     the halves' Spearman is (6 / pi) asin(ICC / 2) for Gaussian scores."""
-    from data_selection import split_half_spearman
+    from strategies import split_half_spearman
     g = torch.Generator().manual_seed(0)
     n = 4000
     signal = torch.randn(n, generator=g)
@@ -190,7 +189,7 @@ def test_split_half_reliability_recovers_a_known_intraclass_correlation(icc):
 
 
 def test_reliability_log_warns_once_when_selection_is_random(capsys):
-    from data_selection import ReliabilityLog
+    from strategies import ReliabilityLog
     log = ReliabilityLog()
     assert log.step(0.9, 100) == {"selection/split_half_spearman": 0.9, "selection/reliability": pytest.approx(1.8 / 1.9)}
     assert "WARNING" not in capsys.readouterr().out
@@ -201,7 +200,7 @@ def test_reliability_log_warns_once_when_selection_is_random(capsys):
 
 
 def test_borda_saturation_share_by_hand():
-    from data_selection import unsaturated_share
+    from strategies import unsaturated_share
     assert unsaturated_share(torch.tensor([0.01, 0.5, 0.97, 0.2])) == pytest.approx(0.5)
 
 
@@ -223,7 +222,7 @@ def test_headroom_picks_the_pairs_the_policy_misranks_most_and_reads_the_labels(
 
 def test_length_normalize_ranks_by_per_token_spread():
     from omegaconf import OmegaConf
-    from data_selection import selection_view
+    from strategies import selection_view
     # pair 0: long responses, larger total spread; pair 1: short ones, larger spread per token
     scores = {"mu": torch.tensor([[-40.0, -40.0], [-2.0, -2.0]]), "sigma": torch.tensor([[4.0, 4.0], [1.0, 1.0]]),
               "ref": torch.tensor([[-40.0, -40.0], [-2.0, -2.0]]), "n_tokens": torch.tensor([[40.0, 40.0], [2.0, 2.0]])}
@@ -234,3 +233,37 @@ def test_length_normalize_ranks_by_per_token_spread():
             assert STRATEGIES[name].select(view, 2, 1, cfg, None).rows == [winner]
     view = selection_view(scores, OmegaConf.create({"length_normalize": True}))
     assert torch.allclose(view["sigma"], torch.tensor([[0.1, 0.1], [0.5, 0.5]])) and view["n_tokens"] is scores["n_tokens"]
+
+
+def test_gradnorm_is_the_expected_dpo_gradient_length_by_hand():
+    """Pair 0: implicit-reward logit h = 0, so p = 1/2 and E|grad| = 2 beta (1/4) |d| = beta |d| / 2; pair 1:
+    the policy is sure (h = 40, p ~ 1), its expected gradient vanishes though |d| is larger."""
+    from strategies import expected_gradient_norm
+    beta = 0.5
+    mu = torch.tensor([[-3.0, -3.0], [-1.0, -21.0]])
+    ref = torch.zeros(2, 2)
+    psi = torch.zeros(2, 2, 2)                  # (H, P, 2)
+    psi[:, 0, 0], psi[:, 0, 1] = torch.tensor([3.0, 4.0]), torch.tensor([0.0, 0.0])      # |d| = 5
+    psi[:, 1, 0], psi[:, 1, 1] = torch.tensor([30.0, 0.0]), torch.tensor([0.0, 40.0])    # |d| = 50
+    acq = expected_gradient_norm(mu, ref, psi, beta)
+    p = 1 / (1 + math.exp(-beta * 20.0))
+    assert acq.tolist() == pytest.approx([beta * 5 / 2, 2 * beta * p * (1 - p) * 50], rel=1e-3)
+    cfg = type("C", (), {"loss": type("L", (), {"beta": beta})})
+    assert STRATEGIES["gradnorm"].select({"mu": mu, "ref": ref, "psi": psi}, 2, 1, cfg, None).rows == [0]
+
+
+def test_length_keeps_the_pairs_with_the_most_response_tokens():
+    n_tokens = torch.tensor([[3.0, 4.0], [10.0, 1.0], [2.0, 2.0], [6.0, 6.0]])
+    selection = STRATEGIES["length"].select({"n_tokens": n_tokens}, 4, 2, None, None)
+    assert selection.rows == [3, 1] and selection.acquisition.tolist() == [7.0, 11.0, 4.0, 12.0]
+
+
+def test_ablations_do_not_read_the_pair_order():
+    torch.manual_seed(1)
+    scores = {"mu": torch.randn(6, 2) * 3, "ref": torch.randn(6, 2), "psi": torch.randn(5, 6, 2),
+              "n_tokens": torch.randint(1, 20, (6, 2)).float()}
+    cfg = type("C", (), {"loss": type("L", (), {"beta": 0.1})})
+    for name in ("gradnorm", "length"):
+        a = STRATEGIES[name].select(scores, 6, 3, cfg, None)
+        b = STRATEGIES[name].select({k: v.flip(-1) for k, v in scores.items()}, 6, 3, cfg, None)
+        assert torch.allclose(a.acquisition, b.acquisition) and a.rows == b.rows

@@ -27,8 +27,9 @@ def test_dry_run_prints_every_run_as_a_valid_config(tmp_path, capsys):
     assert bench.main(["--task", "all", "--seeds", "0", "1", "--out", str(tmp_path), "--dry-run",
                        "--set", "lr=1e-4"]) == 0
     runs = train_overrides(capsys.readouterr().out)
-    # jeopardy: 4 strategies (headroom included) x 2 seeds; haikus: 1 shared SFT + 2 x 2; hh: an SFT per seed + 4 x 2
-    assert len(runs) == 8 + 5 + 10
+    # jeopardy: 6 strategies (ablations and headroom included) x 2 seeds; haikus: 1 shared SFT + 2 x 2;
+    # hh: 1 shared SFT (split_seed fixes its share) + 5 x 2
+    assert len(runs) == 12 + 5 + 11
     names = [next(o for o in overrides if o.startswith("exp_name=")) for overrides in runs]
     assert len(set(names)) == len(names)
     for overrides in runs:
@@ -37,12 +38,13 @@ def test_dry_run_prints_every_run_as_a_valid_config(tmp_path, capsys):
         check_config(config)
         if config.loss.name != "sft":
             assert config.lr == 1e-4  # --set comes last, so it wins over the task's own lr
-            assert config.n_examples == {"jeopardy": 240, "haikus": 256, "hh": 480}[config.datasets[0]]
+            assert config.n_examples == {"jeopardy": 240, "haikus": 256, "hh": 120}[config.datasets[0]]
             assert config.do_first_eval
     assert bench.main(["--task", "hh", "--seeds", "3", "--labels", "64", "--evals", "2", "--out", str(tmp_path),
                        "--dry-run"]) == 0
     sft, *dpo = train_overrides(capsys.readouterr().out)
-    assert "seed=3" in sft and all("n_examples=64" in o and "eval_every=32" in o for o in dpo)
+    assert "loss=sft" in sft and "model=smollm2-135m" in sft
+    assert all("seed=3" in o and "n_examples=64" in o and "eval_every=32" in o for o in dpo)
 
 
 def test_strategies_carry_their_estimator(tmp_path, capsys):
@@ -190,3 +192,43 @@ def test_without_held_out_answers_only_pair_metrics_are_compared():
     assert bench.compared_metrics(jeopardy, 0) == ["rewards_eval/accuracies", "loss/eval"]
     assert bench.compared_metrics(jeopardy, 48) == jeopardy.metrics
     assert bench.compared_metrics(bench.TASK_SPECS["haikus"], 0) == []
+
+
+def test_jeopardy_dev_and_validation_halves_split_by_show(tmp_path, capsys):
+    """Every clue of a show lands in the same half, the halves are disjoint and cover the file, and the
+    runs of --split dev read the dev half. Any clues file splits the same way (hash of show_number)."""
+    import json
+    rows = [{"category": f"C{i % 7}", "air_date": "2004-01-01", "question": f"'Clue {i}'", "value": "$200",
+             "answer": f"A{i}", "round": "Jeopardy!", "show_number": str(4000 + i // 5)} for i in range(200)]
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "jeopardy_clues.json").write_text(json.dumps(rows))
+    halves = {}
+    for split in ("dev", "validation"):
+        out = tmp_path / split
+        assert bench.main(["--task", "jeopardy", "--split", split, "--seeds", "0", "--strategies", "uniform",
+                           "--data-dir", str(data), "--out", str(out), "--dry-run"]) == 0
+        (run,) = train_overrides(capsys.readouterr().out)
+        assert f"dataset_files.jeopardy={out}/data/jeopardy_clues.{split}.json" in run
+        args = argparse.Namespace(split=split, data_dir=str(data), out=str(out), dry_run=False)
+        halves[split] = json.load(open(bench.jeopardy_clues(args)))
+    shows = [{r["show_number"] for r in halves[s]} for s in ("dev", "validation")]
+    assert shows[0] and shows[1] and not shows[0] & shows[1]
+    assert len(halves["dev"]) + len(halves["validation"]) == len(rows)
+    assert all(bench.jeopardy_split(r["show_number"]) == "dev" for r in halves["dev"])
+
+
+def test_strategy_specs_carry_overrides_into_their_runs(tmp_path, capsys):
+    from train import check_config
+    assert bench.main(["--task", "jeopardy", "--seeds", "0", "--out", str(tmp_path), "--dry-run", "--strategies",
+                       "uniform@lr=5e-4", "uniform@lr=2e-3", "ae/laplace@laplace_prior=fixed", "gradnorm", "length"]) == 0
+    configs = [compose_config(o) for o in train_overrides(capsys.readouterr().out)]
+    for config in configs:
+        check_config(config)
+    assert [c.lr for c in configs[:2]] == [5e-4, 2e-3]
+    assert configs[2].laplace_prior == "fixed" and configs[2].uncertainty_method == "laplace"
+    assert [c.exp_name for c in configs] == ["jeopardy_uniform_lr5e-4_s0", "jeopardy_uniform_lr2e-3_s0",
+                                             "jeopardy_ae-laplace_laplace_priorfixed_s0", "jeopardy_gradnorm_s0",
+                                             "jeopardy_length_s0"]
+    with pytest.raises(SystemExit, match="expected key=value"):
+        bench.main(["--task", "jeopardy", "--seeds", "0", "--out", str(tmp_path), "--dry-run", "--strategies", "uniform@lr"])

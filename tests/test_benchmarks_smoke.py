@@ -55,23 +55,31 @@ def test_bench_step_without_trl_exits_2(monkeypatch, capsys):
     assert "trl is not installed" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("task", ["jeopardy", "haikus"])
-def test_bench_reliability(monkeypatch, capsys, tmp_path, task):
+@pytest.mark.parametrize("task, prior", [("jeopardy", "fixed"), ("haikus", "unit_logit")])
+def test_bench_reliability(monkeypatch, capsys, tmp_path, task, prior):
     out = run_script(monkeypatch, capsys, "bench_reliability", "--model", "tiny", "--task", task, "--threads", "1",
                      "--cache-dir", str(tmp_path), "--jeopardy-file", os.path.join(FIXTURES, "jeopardy.json"),
                      "--data-dir", str(tmp_path), "--pairs", "6", "--prompts", "3", "--truth-k", "250",
                      "--truth-sequences", "4", "--authors-k", "5", "--laplace-truth-draws", "200",
-                     "--settings", "paper: head K=5 p=0.05", "head_analytic p=0.05", "laplace")
+                     "--settings", "paper: head K=5 p=0.05", "head_analytic p=0.05", "laplace",
+                     "--extra", f"laplace_prior={prior}")
     assert "| head_analytic p=0.05 | 1.000 |" in out and "| laplace | 1.000 |" in out
     assert "authors' K=5:" in out
     if task == "jeopardy":
         assert "| 8 exact dims per token |" in out
-    # the linearised posterior spread matches Monte Carlo from the posterior on the tiny model
+    # the linearised posterior spread against Monte Carlo from the posterior on the tiny model: at the
+    # prior std 0.25 it matches; the unit-logit rule widens the prior (to ~15 on the tiny model), where
+    # log-softmax curves within the posterior and the linearisation ranks right but reads low
+    rows = {}
     for stage in ("prior (first step)", "after the rest of the pool"):
-        row = re.search(rf"\| {re.escape(stage)} \| [-\d.]+ \| ([\d.]+) \|", out)
+        row = re.search(rf"\| {re.escape(stage)} \| ([\d.e+]+) \| ([-\d.]+) \| ([\d.]+) \|", out)
         assert row, f"no laplace ground-truth row for {stage}"
-        ratio = float(row.group(1))
-        assert 0.8 < ratio < 1.25, (stage, ratio)
+        rows[stage] = [float(v) for v in row.groups()]
+    for stage, (prior_std, rank, ratio) in rows.items():
+        if prior == "fixed" or stage == "prior (first step)":
+            assert prior_std == 0.25 and 0.8 < ratio < 1.25, (stage, ratio)
+        else:
+            assert prior_std > 5 and rank > 0.85 and 0.6 < ratio < 1.0, (stage, prior_std, rank, ratio)
 
 
 def test_bench_scaling(monkeypatch, capsys, tmp_path):

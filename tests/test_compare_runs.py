@@ -182,3 +182,18 @@ def test_unfinished_runs_are_left_out_unless_asked_for(sweep, tmp_path):
     assert read_csv(tmp_path / "a" / "comparison.csv")[("loss/eval", "ae")]["n_seeds"] == "2"
     assert cr.main([str(sweep), "--out", str(tmp_path / "b"), "--metrics", "loss/eval", "--include-unfinished"]) == 0
     assert read_csv(tmp_path / "b" / "comparison.csv")[("loss/eval", "ae")]["n_seeds"] == "3"
+
+
+def test_a_learning_rate_sweep_is_told_apart_and_the_tuned_baseline_is_found():
+    """Runs of one strategy at two learning rates are two strategies, named by their lr; a strategy run at
+    one lr keeps its plain name; --baseline matches the settings as numbers (5e-4 == 0.0005)."""
+    runs = [cr.make_run(f"u{lr}_{seed}", {"seed": seed, "selection_strategy": "uniform", "lr": lr}, [])
+            for lr in (5e-4, 1e-3) for seed in (0, 1)]
+    runs += [cr.make_run(f"ae_{seed}", {"seed": seed, "selection_strategy": "ae", "uncertainty_method": "laplace",
+                                        "lr": 1e-3}, []) for seed in (0, 1)]
+    cr.name_variants(runs)
+    groups = cr.group_runs(runs)      # no "two runs with the same strategy and seed" error
+    assert sorted(groups) == ["ae/laplace", "uniform@lr=0.0005", "uniform@lr=0.001"]
+    assert cr.resolve_baseline(list(groups), "uniform@lr=5e-4") == "uniform@lr=0.0005"
+    with pytest.raises(cr.CompareError, match="uniform@lr=0.002"):
+        cr.resolve_baseline(list(groups), "uniform@lr=0.002")

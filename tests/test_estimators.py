@@ -136,3 +136,89 @@ def test_laplace_state_round_trips():
     copy = LaplaceEstimator(prior_std=2.0, beta=0.5)
     copy.load_state_dict(estimator.state_dict())
     assert torch.equal(copy.covariance(), estimator.covariance())
+
+
+def toy_labels(n, hidden_size, prior_std, beta, seed=0, margin_scale=0.0):
+    """Pairs whose labels come from a known shift u ~ N(0, prior_std^2 I): d ~ N(0, I), P(first wins) =
+    sigmoid(beta (margin + d . u))."""
+    g = torch.Generator().manual_seed(seed)
+    u = prior_std * torch.randn(hidden_size, generator=g)
+    d = torch.randn(n, hidden_size, generator=g)
+    margins = margin_scale * torch.randn(n, generator=g)
+    first_won = torch.rand(n, generator=g) < torch.sigmoid(beta * (margins + d @ u))
+    return u, d, margins, first_won
+
+
+def test_evidence_recovers_the_prior_scale_the_labels_were_drawn_from():
+    from scoring import evidence_prior_std
+    for true_std in (0.5, 3.0):
+        u, d, margins, first_won = toy_labels(300, 4, true_std, beta=1.0, seed=3)
+        fitted = evidence_prior_std(d, margins, first_won, beta=1.0)
+        # the best any estimator can do from one draw of u is its own scale, |u| / sqrt(H)
+        assert fitted == pytest.approx(float(u.norm()) / 2, rel=0.35)
+
+
+def test_evidence_shrinks_the_prior_when_the_policy_already_predicts_the_labels():
+    """Labels drawn from the margins alone (no shift): the evidence wants almost no prior spread."""
+    from scoring import evidence_prior_std
+    _, d, margins, first_won = toy_labels(300, 4, 0.0, beta=1.0, seed=4, margin_scale=3.0)
+    assert evidence_prior_std(d, margins, first_won, beta=1.0) < 0.05
+
+
+def test_buying_labels_shrinks_the_evidence_posterior_by_the_stated_amount():
+    """The toy's labels support a prior std near 2. The estimator's prior moves there from its start at
+    0.25; after n pairs with d ~ N(0, I) (sum d d^T ~ n I) the spread of any direction is
+    1 / sqrt(1 + n beta^2 s^2 / 4) of its prior's: 0.1 at n = 400, beta = 0.5, s = 2, where the fixed prior
+    at 0.25 keeps 0.62 of it."""
+    beta, n, hidden = 0.5, 400, 3
+    u, d, margins, first_won = toy_labels(n, hidden, 2.0, beta=beta, seed=5)
+    psi = torch.randn(50, hidden, generator=torch.Generator().manual_seed(6))
+    ratios = {}
+    for prior in ("evidence", "fixed"):
+        estimator = LaplaceEstimator(prior_std=0.25, beta=beta, prior=prior)
+        for start in range(0, n, 200):     # bought in batches, refitted after each
+            part = slice(start, start + 200)
+            estimator.observe(d[part], torch.zeros_like(d[part]), margins[part], first_won[part])
+        sigma = ((psi.double() @ estimator.covariance()) * psi.double()).sum(-1).sqrt()
+        ratios[prior] = (sigma / (estimator.prior_std * psi.double().norm(dim=-1))).mean().item()
+        s = estimator.prior_std
+        assert ratios[prior] == pytest.approx(1 / math.sqrt(1 + n * beta ** 2 * s ** 2 / 4), rel=0.15)
+    assert estimator.prior_std == 0.25 and ratios["fixed"] > 0.55
+    assert ratios["evidence"] < 0.2
+
+
+def test_laplace_evidence_state_round_trips_and_legacy_precision_loads():
+    estimator = LaplaceEstimator(prior_std=0.5, beta=1.0, prior="evidence")
+    _, d, margins, first_won = toy_labels(40, 4, 1.0, beta=1.0, seed=7)
+    estimator.observe(d, torch.zeros_like(d), margins, first_won)
+    copy = LaplaceEstimator(prior_std=0.5, beta=1.0, prior="evidence")
+    copy.load_state_dict(estimator.state_dict())
+    assert copy.prior_std == estimator.prior_std != 0.5
+    assert torch.equal(copy.covariance(), estimator.covariance())
+    copy.observe(d[:4], torch.zeros_like(d[:4]), margins[:4], first_won[:4])   # goes on from the saved pairs
+    assert copy.n_observed == 44
+    legacy = LaplaceEstimator(prior_std=2.0, beta=1.0)
+    legacy.load_state_dict({"laplace_precision": torch.eye(4, dtype=torch.float64) / 4 + torch.diag(torch.arange(4.0).double())})
+    assert torch.allclose(legacy.fisher, torch.diag(torch.arange(4.0)).double())
+    with pytest.raises(ValueError, match="needs the margins"):
+        LaplaceEstimator(prior_std=1.0, beta=1.0, prior="evidence").observe(d, d)
+
+
+def test_unit_logit_prior_is_set_once_from_the_first_pairs_and_each_pair_then_shrinks_by_a_quarter():
+    """d = 3 e1 and 4 e2 (rms |d| = sqrt(12.5)), beta = 0.1: s = 1 / (0.1 sqrt(12.5)); the variance along e1
+    falls from s^2 to 1 / (1 / s^2 + beta^2 / 4 * 9) = s^2 / (1 + 9 / 50), whatever the labels."""
+    e = torch.eye(3)
+    estimator = LaplaceEstimator(prior_std=0.25, beta=0.1, prior="unit_logit")
+    estimator.observe(torch.stack([3 * e[0], 4 * e[1]]), torch.zeros(2, 3))
+    s = 1 / (0.1 * math.sqrt(12.5))
+    assert estimator.prior_std == pytest.approx(s)
+    assert float(estimator.covariance()[0, 0]) == pytest.approx(s ** 2 / (1 + 9 / 50))
+    assert float(estimator.covariance()[2, 2]) == pytest.approx(s ** 2)           # untouched direction
+    # a pair of typical size (|d| = rms) shrinks its direction's variance by 1 / 1.25
+    estimator.observe(math.sqrt(12.5) * e[2:], torch.zeros(1, 3))
+    assert estimator.prior_std == pytest.approx(s)                                  # set once
+    assert float(estimator.covariance()[2, 2]) == pytest.approx(s ** 2 / 1.25)
+    assert estimator.stats() == {"selection/laplace_prior_std": pytest.approx(s), "selection/laplace_pairs": 3.0}
+    copy = LaplaceEstimator(prior_std=0.25, beta=0.1, prior="unit_logit")
+    copy.load_state_dict(estimator.state_dict())
+    assert copy.stats() == estimator.stats() and torch.equal(copy.covariance(), estimator.covariance())

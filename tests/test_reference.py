@@ -27,15 +27,15 @@ def first_train_record(summary):
 
 @pytest.mark.parametrize("lora", [False, True])
 def test_reference_free_ae_uses_no_reference_in_selection_or_loss(tmp_path, pairs, monkeypatch, lora):
-    import data_selection
+    import strategies
     seen_refs = []
-    ae = data_selection.STRATEGIES["ae"]
+    ae = strategies.STRATEGIES["ae"]
 
     def select(scores, *args):
         seen_refs.append(scores["ref"].clone())
         return ae.select(scores, *args)
 
-    monkeypatch.setitem(data_selection.STRATEGIES, "ae", dataclasses.replace(ae, select=select))
+    monkeypatch.setitem(strategies.STRATEGIES, "ae", dataclasses.replace(ae, select=select))
     summary = run(compose_config(tiny_overrides(
         tmp_path, f"datasets=[{pairs}]", "loss=dpo", "loss.reference_free=true", "exp_name=rf", "active=true",
         "selection_strategy=ae", "batch_size=4", "n_examples=8", "llm_dropout=0.1", f"lora={str(lora).lower()}")))

@@ -251,6 +251,9 @@ RESUME_CASES = {
                         "eval_every=6", "llm_dropout=0.1"],
     "offline_ae_laplace": ["active=true", "selection_strategy=ae", "uncertainty_method=laplace", "laplace_prior_std=100",
                            "batch_size=2", "selection_ratio=3", "n_examples=14", "eval_every=6"],
+    "offline_ae_laplace_evidence": ["active=true", "selection_strategy=ae", "uncertainty_method=laplace",
+                                    "laplace_prior=evidence", "batch_size=2", "selection_ratio=3", "n_examples=14",
+                                    "eval_every=6"],
     "online_borda_lora": ["datasets=[haikus]", f"dataset_files.haikus={ROOT}/data/haiku_keywords.txt", "online=true",
                           "selection_strategy=borda", "oracle=haiku", "lora=true", "batch_size=2", "selection_ratio=2",
                           "num_action_samples=2", "n_examples=14", "eval_every=6", "generation.max_new_tokens=8",
@@ -365,10 +368,15 @@ def test_activation_checkpointing_recomputes_blocks_and_trains_the_same(tmp_path
 
 
 @pytest.mark.parametrize("strategy, estimator", [("ae", "head"), ("us", "head"), ("ae", "head_analytic"),
-                                                 ("ae", "laplace"), ("us", "laplace")])
+                                                 ("ae", "laplace"), ("us", "laplace"), ("ae", "laplace:fixed"),
+                                                 ("ae", "laplace:evidence"), ("gradnorm", "laplace"), ("length", "laplace")])
 def test_selection_never_reads_the_labels(tmp_path, pairs, monkeypatch, strategy, estimator):
     """Swapping chosen and rejected in the data leaves the selected prompts unchanged, for every deployable
-    selector and estimator (laplace also learns from the pairs bought, never from which side won)."""
+    selector and estimator (laplace learns from the pairs bought, never from which side won; with
+    laplace_prior=evidence it reads the labels of the pairs bought, and at lr=0 their margins are 0, so a
+    swap of every label leaves the evidence, and so the selection, unchanged)."""
+    estimator, _, prior = estimator.partition(":")
+    prior_override = [f"laplace_prior={prior}"] if prior else []
     swapped = tmp_path / "swapped.jsonl"
     with open(pairs) as f, open(swapped, "w") as g:
         for line in f:
@@ -382,7 +390,7 @@ def test_selection_never_reads_the_labels(tmp_path, pairs, monkeypatch, strategy
         run(compose_config(tiny_overrides(tmp_path, f"datasets=[{data}]", "loss=dpo", f"exp_name={strategy}", "active=true",
                                           f"selection_strategy={strategy}", "batch_size=3", "selection_ratio=3",
                                           "n_examples=12", "lr=0", "llm_dropout=0.1", f"uncertainty_method={estimator}",
-                                          "laplace_prior_std=100")))
+                                          "laplace_prior_std=100", *prior_override)))
         selections.append(seen)
         monkeypatch.undo()
     assert [len(b) for b in selections[0]] == [3, 3, 3, 3]
