@@ -612,9 +612,15 @@ def analytic_head_estimator(config) -> Estimator:
     return estimate
 
 
+def laplace_prior_rule(config) -> str:
+    """config.laplace_prior, or for null: unit_logit offline; fixed online, where Borda's preference
+    probabilities sigmoid(beta (mu_i - mu_j +- gamma (sigma_i + sigma_j))) saturate once the prior is widened."""
+    return config.laplace_prior or ("fixed" if config.get("online") else "unit_logit")
+
+
 def laplace_estimator(config) -> LaplaceEstimator:
     return LaplaceEstimator(prior_std=float(config.laplace_prior_std), beta=float(config.loss.beta),
-                            prior=str(config.laplace_prior))
+                            prior=laplace_prior_rule(config))
 
 
 def policy_logps(model, input_ids, attention_mask, labels, generator=None) -> Dict[str, torch.Tensor]:

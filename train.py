@@ -63,7 +63,8 @@ def check_config(config: DictConfig) -> None:
             raise ConfigError(f"{key}={config[key]} must be an integer")
     if not 0.0 <= float(config.pretrain_fraction) < 1.0:
         raise ConfigError(f"pretrain_fraction={config.pretrain_fraction} must be in [0, 1)")
-    from scoring import LAPLACE_PRIORS
+    from scoring import LAPLACE_PRIORS, laplace_prior_rule
+    config.laplace_prior = laplace_prior_rule(config)   # the run's config.yaml records the rule's choice
     if config.laplace_prior not in LAPLACE_PRIORS:
         raise ConfigError(f"laplace_prior={config.laplace_prior} is unknown; allowed: {', '.join(LAPLACE_PRIORS)}")
     if not float(config.laplace_prior_std) > 0:

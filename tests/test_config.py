@@ -112,3 +112,17 @@ def test_paper_preset_restores_the_papers_estimator_in_one_override():
     assert compose_config(["exp_name=x", "uncertainty=paper_full"]).uncertainty_method == "full"
     # a key given on the command line still wins over the preset
     assert compose_config(["exp_name=x", "uncertainty=paper", "mc_samples=20"]).mc_samples == 20
+
+
+@pytest.mark.parametrize("overrides, rule", [([], "unit_logit"), (["active=true", "selection_strategy=ae"], "unit_logit"),
+                                             (["online=true", "selection_strategy=borda"], "fixed"),
+                                             (["online=true", "selection_strategy=borda", "laplace_prior=evidence"], "evidence")])
+def test_laplace_prior_null_resolves_by_mode_and_is_recorded(overrides, rule):
+    """The run's config records the rule laplace used: Borda (online) keeps the fixed prior, whose spreads
+    keep its preference probabilities unsaturated; an explicit choice wins."""
+    config = compose_config(["exp_name=x", "loss=dpo", "datasets=[tests/fixtures/user_pairs.jsonl]", *overrides])
+    assert config.laplace_prior is None or overrides[-1].startswith("laplace_prior")
+    check_config(config)
+    assert config.laplace_prior == rule
+    from scoring import laplace_estimator
+    assert laplace_estimator(config).prior == rule
