@@ -119,20 +119,33 @@ def name_variants(runs: Sequence["Run"]) -> None:
             run.strategy += "@" + ",".join(f"{k}={_setting(run.config.get(k))}" for k in keys)
 
 
-def same_strategy(name: str, requested: str) -> bool:
-    """Whether a strategy name matches a requested one, settings compared as numbers where they are
-    ('uniform@lr=5e-4' matches 'uniform@lr=0.0005')."""
-    def parts(text):
-        base, _, settings = text.partition("@")
-        out = {}
-        for item in filter(None, settings.split(",")):
-            key, _, value = item.partition("=")
-            try:
-                out[key] = float(value)
-            except ValueError:
-                out[key] = value
-        return base, out
-    return parts(name) == parts(requested)
+def _number_or_text(value: Any) -> Any:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _parts(text: str) -> Tuple[str, Dict[str, Any]]:
+    """'uniform@lr=5e-4' -> ('uniform', {'lr': 0.0005}): settings as numbers where they are."""
+    base, _, settings = text.partition("@")
+    pairs = [item.partition("=") for item in filter(None, settings.split(","))]
+    return base, {key: _number_or_text(value) for key, _, value in pairs}
+
+
+def same_strategy(name: str, requested: str, runs: Sequence["Run"] = ()) -> bool:
+    """Whether a strategy matches a requested one, settings compared as numbers ('uniform@lr=5e-4' matches
+    'uniform@lr=0.0005'). A setting the name does not carry (the strategy ran at one setting) is read from
+    its runs' configs: 'uniform@lr=2e-3' matches 'uniform' when every run of it has lr 0.002."""
+    base, settings = _parts(name)
+    wanted_base, wanted = _parts(requested)
+    if base != wanted_base:
+        return False
+    for key, value in wanted.items():
+        if key not in settings:
+            found = {_number_or_text(r.config.get(key)) for r in runs}
+            settings[key] = found.pop() if len(found) == 1 else None
+    return settings == wanted
 
 
 def make_run(path: str, config: Dict[str, Any], records: List[Dict[str, Any]]) -> Run:
@@ -334,15 +347,16 @@ def welch_t_test(a: Sequence[float], b: Sequence[float]) -> Tuple[float, float, 
     return t, float(df), t_two_sided_p(t, float(df))
 
 
-def resolve_baseline(strategies: Sequence[str], requested: Optional[str]) -> Optional[str]:
-    """The requested baseline (an error if no run has it), else the first of DEFAULT_BASELINES present, else None."""
+def resolve_baseline(groups: Dict[str, Sequence[Run]], requested: Optional[str]) -> Optional[str]:
+    """The requested baseline among the strategies of `groups` (strategy -> runs; an error if none matches),
+    else the first of DEFAULT_BASELINES present, else None."""
     if requested is not None:
-        match = [s for s in strategies if same_strategy(s, requested)]
+        match = [s for s, runs in groups.items() if same_strategy(s, requested, runs)]
         if not match:
             raise CompareError(f"--baseline {requested}: no run has that strategy; "
-                               f"strategies: {', '.join(sorted(strategies))}")
+                               f"strategies: {', '.join(sorted(groups))}")
         return match[0]
-    return next((s for s in DEFAULT_BASELINES if s in strategies), None)
+    return next((s for s in DEFAULT_BASELINES if s in groups), None)
 
 
 def comparison_table(metric_curves: Dict[str, Curve], metric: str, baseline: Optional[str]) -> List[Dict[str, Any]]:
@@ -477,7 +491,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         runs = load_runs(args.paths, args.include_unfinished)
         groups = group_runs(runs)
         strategies = sorted(groups)
-        baseline = resolve_baseline(strategies, args.baseline)
+        baseline = resolve_baseline(groups, args.baseline)
         metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else default_metrics(runs)
         if not metrics:
             raise CompareError("no eval metric is logged by every run; name some with --metrics")

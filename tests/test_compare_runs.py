@@ -130,8 +130,8 @@ def test_grouping_rules():
     assert plain.strategy == "none"
     with pytest.raises(cr.CompareError, match="seed=0"):
         cr.group_runs([plain, cr.make_run("q", {"seed": 0}, [])])
-    assert cr.resolve_baseline(["borda", "uniref"], None) == "uniref"
-    assert cr.resolve_baseline(["ae", "us"], None) is None
+    assert cr.resolve_baseline({"borda": [], "uniref": []}, None) == "uniref"
+    assert cr.resolve_baseline({"ae": [], "us": []}, None) is None
     # a resumed run repeats its last eval: the later record wins; NaN values are skipped
     x, y = cr.metric_series([{"labels": 0, "m": 1.0}, {"labels": 10, "m": float("nan")}, {"labels": 0, "m": 2.0}], "m")
     assert x.tolist() == [0.0] and y.tolist() == [2.0]
@@ -194,6 +194,10 @@ def test_a_learning_rate_sweep_is_told_apart_and_the_tuned_baseline_is_found():
     cr.name_variants(runs)
     groups = cr.group_runs(runs)      # no "two runs with the same strategy and seed" error
     assert sorted(groups) == ["ae/laplace", "uniform@lr=0.0005", "uniform@lr=0.001"]
-    assert cr.resolve_baseline(list(groups), "uniform@lr=5e-4") == "uniform@lr=0.0005"
+    assert cr.resolve_baseline(groups, "uniform@lr=5e-4") == "uniform@lr=0.0005"
     with pytest.raises(cr.CompareError, match="uniform@lr=0.002"):
-        cr.resolve_baseline(list(groups), "uniform@lr=0.002")
+        cr.resolve_baseline(groups, "uniform@lr=0.002")
+    # a strategy run at one lr has a plain name; the spec it was run as still finds it, by its runs' lr
+    assert cr.resolve_baseline(groups, "ae/laplace@lr=1e-3") == "ae/laplace"
+    with pytest.raises(cr.CompareError, match="ae/laplace@lr=2e-3"):
+        cr.resolve_baseline(groups, "ae/laplace@lr=2e-3")
