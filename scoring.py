@@ -469,8 +469,8 @@ REFIT_GROWTH = 0.1
 
 
 class LaplaceEstimator:
-    """Epistemic spread of log pi that shrinks as labels are bought (a neural-linear / last-layer Laplace
-    model). The policy's uncertain part is a shift u (H,) of its final hidden state, shared by every
+    """Epistemic spread of log pi that shrinks along the pairs bought, as fast as its prior std s allows
+    (below; a neural-linear / last-layer Laplace model). The policy's uncertain part is a shift u (H,) of its final hidden state, shared by every
     position, with prior u ~ N(0, s^2 I). To first order log pi_u(a) = log pi(a) + u . psi(a) (head_features).
     Each bought pair (a, b) is a DPO observation of u . (psi(a) - psi(b)) through sigmoid(beta * .), whose
     Fisher information is at most beta^2 / 4 * d d^T; so the posterior precision is
@@ -643,7 +643,7 @@ ESTIMATORS: Dict[str, Callable[[object], Estimator]] = {
     "head": mc_dropout_estimator("head"),          # the paper's: one trunk pass, K dropout masks on the final hidden state
     "full": mc_dropout_estimator("full"),          # the paper's research code: K full passes with every dropout active
     "head_analytic": analytic_head_estimator,      # head dropout's K -> infinity limit in closed form, no draws
-    "laplace": laplace_estimator,                  # epistemic: Laplace posterior on the last layer, shrinks with labels
+    "laplace": laplace_estimator,                  # epistemic: Laplace posterior on the last layer, learns from the pairs bought
 }
 
 

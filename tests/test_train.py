@@ -162,6 +162,13 @@ def test_offline_ae_run_counters_add_up_and_sft_share_is_never_selected(tmp_path
     assert train_lines[-1]["counters/labels_used"] == 40
     assert train_lines[-1]["counters/candidates_scored"] == 80        # 20 pools of 2 * 2 candidates
     assert all(r["acquisition/selected_min"] >= r["acquisition/rejected_max"] for r in train_lines)
+    # the default estimator (laplace, unit_logit offline) logs how far its posterior moved: the first pool is
+    # scored at the prior, then the prior std is set once from the first pairs and each step adds its 2 pairs
+    assert train_lines[0]["selection/sigma_vs_prior"] == pytest.approx(1.0)
+    assert train_lines[-1]["selection/sigma_vs_prior"] < 0.95
+    assert [r["selection/laplace_pairs"] for r in train_lines] == [2.0 * (i + 1) for i in range(20)]
+    stds = {r["selection/laplace_prior_std"] for r in train_lines}
+    assert len(stds) == 1 and stds != {0.25}
     sft_share, _ = split_prompts(list(get_dataset(pairs, "train", silent=True)), 0.3, seed=0)
     assert not {p for b in seen for p in b} & set(sft_share)
 
