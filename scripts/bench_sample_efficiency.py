@@ -129,13 +129,20 @@ def jeopardy_clues(args) -> str:
     if args.split == "all":
         return source
     target = os.path.join(os.path.abspath(args.out), "data", f"jeopardy_clues.{args.split}.json")
-    if os.path.exists(target) or args.dry_run:
+    if args.dry_run:
         return target
-    with open(source, encoding="utf-8") as f:
-        try:
-            rows = json.load(f)
-        except json.JSONDecodeError as e:
-            sys.exit(f"error: {source}: not a JSON list of J! Archive clues ({e})")
+    with open(source, "rb") as f:
+        raw = f.read()
+    # the half is rewritten whenever the source differs from the one it was cut from (another clues file)
+    digest = hashlib.sha256(raw).hexdigest()
+    if os.path.exists(target) and os.path.exists(target + ".source"):
+        with open(target + ".source", encoding="utf-8") as f:
+            if f.read().strip() == digest:
+                return target
+    try:
+        rows = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        sys.exit(f"error: {source}: not a JSON list of J! Archive clues ({e})")
     if not isinstance(rows, list) or any(not isinstance(r, dict) or "show_number" not in r for r in rows):
         sys.exit(f"error: {source}: expected a JSON list of clue objects, each with a show_number")
     keep = [r for r in rows if jeopardy_split(r["show_number"]) == args.split]
@@ -143,6 +150,8 @@ def jeopardy_clues(args) -> str:
     with open(target + ".tmp", "w", encoding="utf-8") as f:
         f.write("[\n" + ",\n".join(json.dumps(r, ensure_ascii=False) for r in keep) + "\n]\n")
     os.replace(target + ".tmp", target)
+    with open(target + ".source", "w", encoding="utf-8") as f:
+        f.write(digest + "\n")
     shows = {str(r["show_number"]) for r in keep}
     print(f"jeopardy: {len(keep)} of {len(rows)} clues ({len(shows)} shows) in the {args.split} half -> {target}")
     return target

@@ -216,6 +216,11 @@ def test_jeopardy_dev_and_validation_halves_split_by_show(tmp_path, capsys):
     assert shows[0] and shows[1] and not shows[0] & shows[1]
     assert len(halves["dev"]) + len(halves["validation"]) == len(rows)
     assert all(bench.jeopardy_split(r["show_number"]) == "dev" for r in halves["dev"])
+    # another clues file in the same --data-dir is cut afresh into the same --out, never the stale half
+    (data / "jeopardy_clues.json").write_text(json.dumps(rows[:100]))
+    args = argparse.Namespace(split="dev", data_dir=str(data), out=str(tmp_path / "dev"), dry_run=False)
+    again = json.load(open(bench.jeopardy_clues(args)))
+    assert again == [r for r in rows[:100] if bench.jeopardy_split(r["show_number"]) == "dev"] != halves["dev"]
 
 
 def test_strategy_specs_carry_overrides_into_their_runs(tmp_path, capsys):
