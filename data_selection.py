@@ -10,16 +10,16 @@ import itertools
 import os
 import random
 import time
-from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from tqdm import tqdm
 
 import distributed
+from generation import Generator, PromptTokens
 from oracles import LEDGER_FILENAME, Ledger, Query, judge_with_budget
 from preference_datasets import (Datasets, collate, iterate_elements, iterate_prompts, load_datasets, pair_element,
-                                 tokenize_prompt, tokenize_response, truncation_mode_for)
+                                 truncation_mode_for)
 from scoring import ESTIMATORS, head_features, policy_logps, score_sequences
 from strategies import (STRATEGIES, ReliabilityLog, Strategy, scores_policy, selection_stats, selection_view,
                         split_half_spearman)
@@ -63,6 +63,9 @@ class CandidateScorer:
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed + 7919 * distributed.rank())  # each rank its own masks
         self.warned_zero_spread = False
+        # grouping by prompt gives each rank its own number of forward calls, and under FSDP every
+        # forward is a collective (scripts/bench_online.py also turns it off, to time the path without it)
+        self.share_prompts = not distributed.in_lockstep()
 
     def __call__(self, sequences: List[Dict], columns: int) -> Dict[str, torch.Tensor]:
         """Scores of `sequences` viewed as (len // columns, columns) per key. Under torchrun each rank
@@ -71,7 +74,7 @@ class CandidateScorer:
         scores = score_sequences(self.policy, self.reference if self.needs_reference else None, share,
                                  estimator=self.estimator, pad_token_id=self.pad_token_id,
                                  batch_size=int(self.config.selection_batch_size), device=self.device,
-                                 generator=self.generator)
+                                 generator=self.generator, share_prompts=self.share_prompts)
         scores = distributed.gathered_tensors({k: v[..., :real] for k, v in scores.items()})
         scores = {k: v.view(*v.shape[:-1], -1, columns) for k, v in scores.items()}
         if "sigma" in scores and not self.warned_zero_spread and float(scores["sigma"].abs().max()) == 0.0:
@@ -221,67 +224,6 @@ class OfflineActiveSource:
         self.reliability.load_state_dict(state)
 
 
-@torch.no_grad()
-def sample_responses(model, tokenizer, prompt_ids: List[List[int]], n: int, generation, device) -> List[List[str]]:
-    """n sampled continuations per prompt (greedy when generation.temperature is 0), in eval mode with
-    the KV cache, stopping at EOS. prompt_ids: token ids per prompt (BOS included). Returns texts,
-    [len(prompt_ids)][n]."""
-    was_training = model.training
-    model.eval()
-    width = max(len(p) for p in prompt_ids)
-    pad = tokenizer.pad_token_id
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompt_ids], device=device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], device=device)
-    temperature = float(generation.temperature)
-    kwargs = {"do_sample": True, "temperature": temperature, "top_p": float(generation.top_p)} if temperature > 0 else {"do_sample": False}
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=int(generation.max_new_tokens),
-                         num_return_sequences=n, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
-                         use_cache=True, synced_gpus=distributed.in_lockstep(), **kwargs)
-    model.train(was_training)
-    texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-    return [texts[i * n:(i + 1) * n] for i in range(len(prompt_ids))]
-
-
-def call_seed(seed: int, role: str, position: int) -> int:
-    """The torch seed of one generate() call: a function of the run's seed, who samples and the
-    position in the prompt stream of the call's first prompt only."""
-    return random.Random(f"{seed}|{role}|{position}").getrandbits(63)
-
-
-def sample_in_calls(model, tokenizer, prompt_ids: List[List[int]], n: int, generation, device, seed: int,
-                    role: str, start: int) -> List[List[str]]:
-    """sample_responses over prompts start, start+1, ... of the prompt stream in calls of
-    generation.prompts_per_call prompts, each call under its own seed (call_seed; the global RNG is
-    left as it was). So the samples are the same whichever rank makes a call: under torchrun the
-    calls are shared among the ranks and the texts gathered. Returns [len(prompt_ids)][n] texts."""
-    size = int(generation.prompts_per_call)
-    calls = list(range(0, len(prompt_ids), size))
-    share, real = distributed.sharded(calls)
-    texts = []
-    for offset in share:
-        with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
-            torch.manual_seed(call_seed(seed, role, start + offset))
-            texts.append(sample_responses(model, tokenizer, prompt_ids[offset:offset + size], n, generation, device))
-    return [row for call in distributed.gathered(texts[:real]) for row in call]
-
-
-@dataclass
-class PromptTokens:
-    """How the online loop and the eval answers tokenise: each prompt once (the context generation,
-    scoring and training all share), each response once against it."""
-    tokenizer: object
-    max_length: int
-    max_prompt_length: int
-    prompt_format: Optional[Callable[[str], str]] = None
-
-    def prompt(self, dataset: str, prompt: str) -> List[int]:
-        text = self.prompt_format(prompt) if self.prompt_format else prompt
-        return tokenize_prompt(text, self.tokenizer, self.max_prompt_length, truncation_mode_for(dataset))
-
-    def response(self, prompt_ids: List[int], text: str) -> Dict[str, List[int]]:
-        return tokenize_response(prompt_ids, text, self.tokenizer, self.max_length)
-
-
 class OnlineSource:
     """Each step: generate -> score -> select -> label -> batch. batch_size * selection_ratio prompts;
     m policy and m reference samples each (tokenised once); the strategy keeps batch_size prompts and
@@ -289,10 +231,10 @@ class OnlineSource:
     are dropped and counted. `n_examples` counts labels bought. Under torchrun the ranks share the
     generation and the scoring; rank 0 asks the oracle (ledger: None on the other ranks)."""
 
-    def __init__(self, prompts: Callable[[int], Iterator], strategy: Strategy, scorer: CandidateScorer, policy,
-                 reference, tokens: PromptTokens, config, device, oracle, ledger: Ledger):
-        self.prompts, self.strategy, self.scorer = prompts, strategy, scorer
-        self.policy, self.reference, self.tokens, self.config, self.device = policy, reference, tokens, config, device
+    def __init__(self, prompts: Callable[[int], Iterator], strategy: Strategy, scorer: CandidateScorer,
+                 generator: Generator, tokens: PromptTokens, config, device, oracle, ledger: Ledger):
+        self.prompts, self.strategy, self.scorer, self.generator = prompts, strategy, scorer, generator
+        self.tokens, self.config, self.device = tokens, config, device
         self.oracle, self.ledger = oracle, ledger
         self.consumed = self.labels = self.failures = self.scored = 0
         self.rng = random.Random(int(config.seed) + 2)
@@ -316,11 +258,7 @@ class OnlineSource:
             t0 = time.time()
             start = self.consumed - len(pool)
             prompt_ids = [self.tokens.prompt(name, prompt) for name, prompt, _ in pool]
-            policy_texts = sample_in_calls(self.policy, tokenizer, prompt_ids, m, cfg.generation, self.device,
-                                           int(cfg.seed), "policy", start)
-            with self.reference.active() as ref_model:
-                reference_texts = sample_in_calls(ref_model, tokenizer, prompt_ids, m, cfg.generation, self.device,
-                                                  int(cfg.seed), "reference", start)
+            policy_texts, reference_texts = self.generator.sample(prompt_ids, m, start)
             # candidates[p][c]: (text, sequence); columns 0..m-1 the policy's samples, m..2m-1 the reference's
             candidates = [[(text, self.tokens.response(ids, text)) for text in list(pol) + list(ref)]
                           for ids, pol, ref in zip(prompt_ids, policy_texts, reference_texts)]
@@ -458,7 +396,8 @@ def build_source(config, data: Dict[str, Datasets], policy, reference, tokenizer
                                                     n_epochs=epochs), skip, None)
 
         ledger = Ledger(os.path.join(run_dir, LEDGER_FILENAME)) if distributed.is_main() else None
-        return OnlineSource(prompts, strategy, scorer, policy, reference, prompt_tokens(config, tokenizer), config, device,
+        generator = Generator(policy, reference, tokenizer, config.generation, device, seed=int(config.seed))
+        return OnlineSource(prompts, strategy, scorer, generator, prompt_tokens(config, tokenizer), config, device,
                             oracle, ledger)
 
     sft_mode = config.loss.name == "sft"

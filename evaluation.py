@@ -16,7 +16,8 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 import distributed
-from data_selection import PromptTokens, data_kwargs, prompt_tokens, sample_responses
+from data_selection import data_kwargs, prompt_tokens
+from generation import PromptTokens, sample_responses
 from llm_judge import OpenAIJudge
 from oracles import LEDGER_FILENAME, HaikuJudge, Judgment, Ledger, Oracle, Query, judge_with_budget
 from preference_datasets import Datasets, collate, iterate_elements, iterate_prompts
@@ -169,7 +170,7 @@ class EvalAnswers:
                  ledger: Optional[Ledger], table: bool):
         self.records, self.prompt_ids, self.tokenizer = records, prompt_ids, tokenizer
         self.config, self.device, self.reference, self.judge, self.ledger, self.table = config, device, reference, judge, ledger, table
-        self.greedy = OmegaConf.create({"temperature": 0.0, "top_p": 1.0, "max_new_tokens": config.generation.max_new_tokens})
+        self.greedy = OmegaConf.create({"temperature": 0.0, "max_new_tokens": config.generation.max_new_tokens})
         self.reference_texts: List[str] = []
         self.reference_is_policy_at_start = reference is not None and (
             reference.model is None or config.model.policy_dtype == config.model.reference_dtype)

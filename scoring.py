@@ -136,13 +136,42 @@ def token_logps(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tens
     return torch.stack(out).reshape(*lead, n)
 
 
-def _response_hidden(model, input_ids, attention_mask, labels):
+@dataclass
+class SharedPrompts:
+    """Prompts that several sequences of a minibatch share, so the trunk reads each prompt once.
+
+    ids, mask (G, W): each prompt but its last token, left-padded. rows (B,): the prompt of each
+    sequence. The batch that goes with it holds, per sequence, the prompt's last token then the
+    response (right-padded); the trunk continues from the prompts' key/value cache. The cache is made
+    by the model it is read with, so policy and reference (adapters off) each get their own."""
+    ids: torch.Tensor
+    mask: torch.Tensor
+    rows: torch.Tensor
+
+    def continue_trunk(self, trunk, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Final hidden states (B, T) of the suffixes input_ids, attention_mask (B, T), as if each
+        followed its full prompt in one sequence."""
+        positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
+        cache = trunk(input_ids=self.ids, attention_mask=self.mask, position_ids=positions, use_cache=True).past_key_values
+        cache.batch_select_indices(self.rows)
+        lengths = self.mask.sum(-1)[self.rows]
+        positions = lengths[:, None] + torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+        mask = torch.cat([self.mask[self.rows], attention_mask], dim=1)
+        return trunk(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                     use_cache=True).last_hidden_state
+
+
+def _response_hidden(model, input_ids, attention_mask, labels, prompts: Optional[SharedPrompts] = None):
     """Run the trunk once; return hidden states of the positions that predict response tokens.
 
-    input_ids, attention_mask, labels: (B, T); labels are -100 on prompt and padding.
+    input_ids, attention_mask, labels: (B, T); labels are -100 on prompt and padding. With `prompts`,
+    the rows are suffixes of the prompts there (SharedPrompts).
     Returns hidden (N, H), targets (N,), row index (N,) of each position, head, transform."""
     trunk, head, transform = causal_lm_parts(model)
-    hidden = trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    if prompts is None:
+        hidden = trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    else:
+        hidden = prompts.continue_trunk(trunk, input_ids, attention_mask)
     shifted = labels[:, 1:]
     mask = shifted != -100
     rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(shifted)[mask]
@@ -156,10 +185,10 @@ def _sum_per_row(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch
 
 
 def response_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                   chunk_size: Optional[int] = None) -> torch.Tensor:
+                   chunk_size: Optional[int] = None, prompts: Optional[SharedPrompts] = None) -> torch.Tensor:
     """Sum of log p(response tokens) per sequence, (B,) fp32. Prompt/padding (labels -100) excluded,
     EOS included. Gradients flow when called under autograd."""
-    hidden, targets, rows, head, transform = _response_hidden(model, input_ids, attention_mask, labels)
+    hidden, targets, rows, head, transform = _response_hidden(model, input_ids, attention_mask, labels, prompts)
     return _sum_per_row(token_logps(hidden, head, targets, chunk_size, transform), rows, labels.shape[0])
 
 
@@ -212,12 +241,12 @@ class Reference:
         finally:
             model.train(was_training)
 
-    def logps(self, input_ids, attention_mask, labels) -> torch.Tensor:
+    def logps(self, input_ids, attention_mask, labels, prompts: Optional[SharedPrompts] = None) -> torch.Tensor:
         """(B,) fp32 summed response log-probs under the reference (zeros when reference-free)."""
         if self.free:
             return torch.zeros(input_ids.shape[0], device=input_ids.device)
         with self.active() as model:
-            return response_logps(model, input_ids, attention_mask, labels)
+            return response_logps(model, input_ids, attention_mask, labels, prompts=prompts)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -252,7 +281,7 @@ def mc_dropout_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
 @torch.no_grad()
 def mc_dropout_samples(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                        k: int, p: float, method: str = "head", chunk_size: Optional[int] = None,
-                       generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                       generator: Optional[torch.Generator] = None, prompts: Optional[SharedPrompts] = None) -> torch.Tensor:
     """K MC-dropout draws of log pi(response | prompt): (K, B) summed response log-probs, in nats.
 
     method='head': one trunk pass in eval mode, then K independent dropout masks (rate p) on the final
@@ -262,15 +291,18 @@ def mc_dropout_samples(model, input_ids: torch.Tensor, attention_mask: torch.Ten
     method='full': K full forward passes in train mode (every dropout in the network active, LoRA
     dropout included) plus the head dropout p; restores the model's previous mode afterwards.
     Every mask comes from `generator` (the network's own dropout modules draw from a torch RNG
-    seeded from it, inside a fork that leaves the global RNG untouched).
+    seeded from it, inside a fork that leaves the global RNG untouched). `prompts` (SharedPrompts): 'head'
+    only, since under 'full' every sequence draws its own masks on its prompt too.
     """
     if method not in ("head", "full"):
         raise ValueError(f"uncertainty method must be 'head' or 'full', got {method!r}")
+    if method == "full" and prompts is not None:
+        raise ValueError("method='full' draws dropout on each sequence's prompt: it cannot share prompts")
     was_training = model.training
     if method == "head":
         model.eval()
         try:
-            hidden, targets, rows, head, transform = _response_hidden(model, input_ids, attention_mask, labels)
+            hidden, targets, rows, head, transform = _response_hidden(model, input_ids, attention_mask, labels, prompts)
         finally:
             model.train(was_training)
         return _sum_per_row(token_logps(_dropout(hidden, p, generator, k), head, targets, chunk_size, transform),
@@ -295,7 +327,8 @@ def mc_dropout_samples(model, input_ids: torch.Tensor, attention_mask: torch.Ten
 # ----------------------------------------------------------------------------------------------
 # Head dropout without its Monte Carlo noise: the linearised log-prob and a control variate
 
-def _head_gradients(model, input_ids, attention_mask, labels, chunk_size: Optional[int] = None):
+def _head_gradients(model, input_ids, attention_mask, labels, chunk_size: Optional[int] = None,
+                    prompts: Optional[SharedPrompts] = None):
     """One trunk pass in eval mode and one backward through the head only.
 
     Returns hidden (N, H) of the response positions, targets (N,), rows (N,), head, transform, the
@@ -305,7 +338,7 @@ def _head_gradients(model, input_ids, attention_mask, labels, chunk_size: Option
     model.eval()
     try:
         with torch.no_grad():
-            hidden, targets, rows, head, transform = _response_hidden(model, input_ids, attention_mask, labels)
+            hidden, targets, rows, head, transform = _response_hidden(model, input_ids, attention_mask, labels, prompts)
     finally:
         model.train(was_training)
     with torch.enable_grad():
@@ -350,7 +383,8 @@ EXACT_DIMS = 8
 
 @torch.no_grad()
 def analytic_head_dropout(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                          p: float, exact_dims: int = EXACT_DIMS, tokens_per_chunk: int = 32) -> Dict[str, torch.Tensor]:
+                          p: float, exact_dims: int = EXACT_DIMS, tokens_per_chunk: int = 32,
+                          prompts: Optional[SharedPrompts] = None) -> Dict[str, torch.Tensor]:
     """Head-dropout moments of log pi(response | prompt) without Monte Carlo: the K -> infinity limit of
     `head` dropout (rate p), centred on the deterministic log-prob (the mean of the draws sits below it,
     log-softmax being concave).
@@ -360,7 +394,8 @@ def analytic_head_dropout(model, input_ids: torch.Tensor, attention_mask: torch.
     (exact_dimension_variance) for the `exact_dims` dimensions with the largest first-order effect of
     each token, first order (linearised_dropout_variance) for the others. Requires a linear output head.
     Returns 'logp' (B,) deterministic summed log-probs and 'var' (B,) their dropout variance (nats^2)."""
-    hidden, targets, rows, head, transform, logps, grad = _head_gradients(model, input_ids, attention_mask, labels)
+    hidden, targets, rows, head, transform, logps, grad = _head_gradients(model, input_ids, attention_mask, labels,
+                                                                          prompts=prompts)
     b = labels.shape[0]
     per_dim = linearised_dropout_variance(hidden, grad, p)              # (N, H)
     per_token = per_dim.sum(-1)
@@ -382,11 +417,13 @@ def analytic_head_dropout(model, input_ids: torch.Tensor, attention_mask: torch.
 # Epistemic uncertainty: a Laplace posterior over a shift of the final hidden state
 
 @torch.no_grad()
-def head_features(model, input_ids, attention_mask, labels, generator=None) -> Dict[str, torch.Tensor]:
+def head_features(model, input_ids, attention_mask, labels, generator=None,
+                  prompts: Optional[SharedPrompts] = None) -> Dict[str, torch.Tensor]:
     """The deterministic log-prob 'mu' (B,) and the features 'psi' (H, B) of each sequence: psi = the sum
     over its response tokens of d log p(y_t) / d h_t, how the log-prob moves when the final hidden state
     is shifted (nats per unit of h). One trunk pass and one backward through the head."""
-    hidden, targets, rows, head, transform, logps, grad = _head_gradients(model, input_ids, attention_mask, labels)
+    hidden, targets, rows, head, transform, logps, grad = _head_gradients(model, input_ids, attention_mask, labels,
+                                                                          prompts=prompts)
     b = labels.shape[0]
     return {"mu": _sum_per_row(logps, rows, b), "psi": grad.new_zeros(b, grad.shape[-1]).index_add_(0, rows, grad).float().T}
 
@@ -518,10 +555,10 @@ class LaplaceEstimator:
         return self._covariance
 
     @torch.no_grad()
-    def __call__(self, model, input_ids, attention_mask, labels, generator=None) -> Dict[str, torch.Tensor]:
+    def __call__(self, model, input_ids, attention_mask, labels, generator=None, prompts=None) -> Dict[str, torch.Tensor]:
         """mu (B,) deterministic log-prob, sigma (B,) posterior spread, sigma_prior (B,) the spread before
         any label (s |psi|), psi (H, B) features."""
-        out = head_features(model, input_ids, attention_mask, labels)
+        out = head_features(model, input_ids, attention_mask, labels, prompts=prompts)
         psi = out["psi"].T.double()
         self._ensure(psi.shape[-1], psi.device)
         variance = ((psi @ self.covariance()) * psi).sum(-1).clamp(min=0.0)
@@ -588,8 +625,9 @@ def mc_dropout_estimator(method: str) -> Callable[[object], Estimator]:
     def build(config) -> Estimator:
         k, p = int(config.mc_samples), float(config.llm_dropout)
 
-        def estimate(model, input_ids, attention_mask, labels, generator=None):
-            samples = mc_dropout_samples(model, input_ids, attention_mask, labels, k=k, p=p, method=method, generator=generator)
+        def estimate(model, input_ids, attention_mask, labels, generator=None, prompts=None):
+            samples = mc_dropout_samples(model, input_ids, attention_mask, labels, k=k, p=p, method=method,
+                                         generator=generator, prompts=prompts)
             mu, var = mean_and_variance(samples)
             out = {"mu": mu, "sigma": var.sqrt()}
             if k >= 4:
@@ -597,6 +635,7 @@ def mc_dropout_estimator(method: str) -> Callable[[object], Estimator]:
                 out["mu_halves"] = torch.stack([m for m, _ in halves])
                 out["sigma_halves"] = torch.stack([v.sqrt() for _, v in halves])
             return out
+        estimate.shares_prompts = method == "head"
         return estimate
     return build
 
@@ -606,8 +645,8 @@ def analytic_head_estimator(config) -> Estimator:
     scripts/bench_reliability.py reports it against Monte Carlo)."""
     p = float(config.llm_dropout)
 
-    def estimate(model, input_ids, attention_mask, labels, generator=None):
-        moments = analytic_head_dropout(model, input_ids, attention_mask, labels, p=p)
+    def estimate(model, input_ids, attention_mask, labels, generator=None, prompts=None):
+        moments = analytic_head_dropout(model, input_ids, attention_mask, labels, p=p, prompts=prompts)
         return {"mu": moments["logp"], "sigma": moments["var"].sqrt()}
     return estimate
 
@@ -623,13 +662,13 @@ def laplace_estimator(config) -> LaplaceEstimator:
                             prior=laplace_prior_rule(config))
 
 
-def policy_logps(model, input_ids, attention_mask, labels, generator=None) -> Dict[str, torch.Tensor]:
+def policy_logps(model, input_ids, attention_mask, labels, generator=None, prompts=None) -> Dict[str, torch.Tensor]:
     """No uncertainty: the deterministic log-prob 'mu' (B,), for selectors that read only the policy."""
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            return {"mu": response_logps(model, input_ids, attention_mask, labels)}
+            return {"mu": response_logps(model, input_ids, attention_mask, labels, prompts=prompts)}
     finally:
         model.train(was_training)
 
@@ -647,27 +686,88 @@ ESTIMATORS: Dict[str, Callable[[object], Estimator]] = {
 }
 
 
+def prompt_length(sequence: Dict) -> int:
+    """Tokens before the first response label of a sequence (its prompt)."""
+    return next((i for i, label in enumerate(sequence["labels"]) if label != -100), len(sequence["labels"]))
+
+
+def prompt_groups(sequences: List[Dict], batch_size: int) -> List[List[int]]:
+    """Minibatches of sequence indices, at most batch_size each, that keep the sequences of one prompt
+    together (a prompt with more than batch_size sequences is cut), shortest prompts first."""
+    groups: Dict[Tuple[int, ...], List[int]] = {}
+    for i, seq in enumerate(sequences):
+        groups.setdefault(tuple(seq["input_ids"][:prompt_length(seq)]), []).append(i)
+    batches: List[List[int]] = [[]]
+    for prompt in sorted(groups, key=len):
+        members = groups[prompt]
+        for start in range(0, len(members), batch_size):
+            part = members[start:start + batch_size]
+            if len(batches[-1]) + len(part) > batch_size:
+                batches.append([])
+            batches[-1].extend(part)
+    return [b for b in batches if b]
+
+
+def shared_prompt_batch(sequences: List[Dict], pad_token_id: int) -> Tuple[SharedPrompts, Dict[str, torch.Tensor]]:
+    """(SharedPrompts, suffix batch) of sequences whose prompts have >= 2 tokens: the suffix of each is
+    its prompt's last token then its response, right-padded (input_ids, attention_mask, labels (B, T))."""
+    keys, rows, prefixes = {}, [], []
+    for seq in sequences:
+        n = prompt_length(seq)
+        key = tuple(seq["input_ids"][:n])
+        if key not in keys:
+            keys[key] = len(prefixes)
+            prefixes.append(list(key[:-1]))
+        rows.append(keys[key])
+    width = max(len(p) for p in prefixes)
+    ids = torch.tensor([[pad_token_id] * (width - len(p)) + p for p in prefixes])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prefixes])
+    suffixes = []
+    for seq in sequences:
+        n = prompt_length(seq)
+        suffixes.append({"input_ids": seq["input_ids"][n - 1:], "attention_mask": seq["attention_mask"][n - 1:],
+                         "labels": [-100] + list(seq["labels"][n:])})
+    return SharedPrompts(ids, mask, torch.tensor(rows)), collate(suffixes, pad_token_id)
+
+
 def score_sequences(policy, reference: Optional[Reference], sequences: List[Dict], *, estimator: Optional[Estimator],
-                    pad_token_id: int, batch_size: int, device, generator=None) -> Dict[str, torch.Tensor]:
+                    pad_token_id: int, batch_size: int, device, generator=None,
+                    share_prompts: bool = True) -> Dict[str, torch.Tensor]:
     """Centre and spread of log pi under the policy (`estimator`, skipped when None) and the reference
     log-prob (skipped when `reference` is None) of each sequence (prompt + one response, as lists).
 
-    Minibatched by `batch_size` over the sequences sorted by length, so each minibatch is padded to a
-    length close to its own sequences'. Returns the estimator's keys (mu (S,), sigma (S,), optionally
-    mu_halves / sigma_halves (2, S), features psi (H, S)), ref (S,) and n_tokens (S,) response tokens:
-    CPU fp32 (nats), in the order of `sequences`; the sequence is always the last dimension.
+    Minibatches of `batch_size` sequences. With share_prompts (and an estimator that allows it: not
+    MC dropout 'full'), the sequences of one prompt go together and the trunk reads each prompt once
+    per model (SharedPrompts): online, 2m candidates per prompt; offline, chosen and rejected. Else the
+    sequences are sorted by length, so each minibatch is padded to a length close to its own.
+    Returns the estimator's keys (mu (S,), sigma (S,), optionally mu_halves / sigma_halves (2, S),
+    features psi (H, S)), ref (S,) and n_tokens (S,) response tokens: CPU fp32 (nats), in the order of
+    `sequences`; the sequence is always the last dimension.
     """
+    share = share_prompts and getattr(estimator, "shares_prompts", True) and all(prompt_length(s) >= 2 for s in sequences)
+    if share:
+        batches = prompt_groups(sequences, batch_size)
+    else:
+        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]["input_ids"]))
+        batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
     out: Dict[str, List[torch.Tensor]] = {}
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]["input_ids"]))
-    for start in range(0, len(order), batch_size):
-        batch = collate([sequences[i] for i in order[start:start + batch_size]], pad_token_id)
+    for members in batches:
+        chosen = [sequences[i] for i in members]
+        prompts = None
+        if share:
+            prompts, batch = shared_prompt_batch(chosen, pad_token_id)
+            prompts = SharedPrompts(prompts.ids.to(device), prompts.mask.to(device), prompts.rows.to(device))
+        else:
+            batch = collate(chosen, pad_token_id)
         ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
-        scores = dict(estimator(policy, ids, mask, labels, generator=generator)) if estimator is not None else {}
+        kwargs = {"prompts": prompts} if prompts is not None else {}
+        scores = dict(estimator(policy, ids, mask, labels, generator=generator, **kwargs)) if estimator is not None else {}
         if reference is not None:
-            scores["ref"] = reference.logps(ids, mask, labels)
+            scores["ref"] = reference.logps(ids, mask, labels, **kwargs)
         scores["n_tokens"] = (labels[:, 1:] != -100).sum(-1).float()
         for key, value in scores.items():
             out.setdefault(key, []).append(value.float().cpu())
+    order = [i for members in batches for i in members]
     inverse = torch.empty(len(order), dtype=torch.long)
     inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
     return {k: torch.cat(v, dim=-1)[..., inverse] for k, v in out.items()}

@@ -83,7 +83,8 @@ def compose(overrides: List[str]):
 
 def build_pool(config, args) -> Tuple[object, object, object, List[Dict], int, int]:
     """(tokenizer, policy, reference, sequences, columns, kept) of the task's first pool."""
-    from data_selection import build_source, load_run_data, pair_sequences, sample_responses
+    from data_selection import build_source, load_run_data, pair_sequences
+    from generation import sample_responses
     from models import build_models
     data = load_run_data(config)
     tokenizer, policy, reference = build_models(config, args.device, data["train"])

@@ -267,3 +267,36 @@ def test_ablations_do_not_read_the_pair_order():
         a = STRATEGIES[name].select(scores, 6, 3, cfg, None)
         b = STRATEGIES[name].select({k: v.flip(-1) for k, v in scores.items()}, 6, 3, cfg, None)
         assert torch.allclose(a.acquisition, b.acquisition) and a.rows == b.rows
+
+
+@pytest.mark.parametrize("method", ["head", "head_analytic", "laplace", None])
+def test_shared_prompts_score_as_whole_sequences(tokenizer, method):
+    """Three prompts of different lengths, three responses each: reading each prompt once and the
+    responses from its cache gives the scores of whole sequences, and each prompt is read once per model."""
+    from omegaconf import OmegaConf
+    from conftest import make_tiny_model
+    from scoring import ESTIMATORS, Reference, policy_logps, prompt_groups, score_sequences
+    model, ref_model = make_tiny_model(tokenizer, seed=0), make_tiny_model(tokenizer, seed=1)
+    g = torch.Generator().manual_seed(0)
+    sequences = []
+    for prompt_len in (3, 7, 5):
+        prompt = torch.randint(3, len(tokenizer), (prompt_len,), generator=g).tolist()
+        for response_len in (2, 6, 4):
+            response = torch.randint(3, len(tokenizer), (response_len,), generator=g).tolist()
+            sequences.append({"input_ids": prompt + response, "attention_mask": [1] * (prompt_len + response_len),
+                              "labels": [-100] * prompt_len + response})
+    cfg = OmegaConf.create({"mc_samples": 4, "llm_dropout": 0.0, "laplace_prior_std": 1.0, "laplace_prior": "fixed",
+                            "loss": {"beta": 0.1}})
+    estimator = ESTIMATORS[method](cfg) if method else policy_logps
+    assert [sorted(len(sequences[i]["input_ids"]) for i in b) for b in prompt_groups(sequences, 6)] == [[5, 7, 7, 9, 9, 11], [9, 11, 13]]
+    kwargs = dict(estimator=estimator, pad_token_id=tokenizer.pad_token_id, batch_size=6, device="cpu")
+    calls = []
+    hook = model.model.register_forward_hook(lambda module, args, kw_out=None: calls.append(1))
+    shared = score_sequences(model, Reference(model, ref_model), sequences, share_prompts=True, **kwargs)
+    shared_calls = len(calls)
+    hook.remove()
+    plain = score_sequences(model, Reference(model, ref_model), sequences, share_prompts=False, **kwargs)
+    assert shared_calls == 4     # 2 minibatches x (prompts, then responses) for the policy
+    assert set(shared) == set(plain)
+    for key in plain:
+        assert torch.allclose(shared[key], plain[key], atol=1e-4, rtol=1e-4), key

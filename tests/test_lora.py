@@ -98,7 +98,7 @@ def test_mc_dropout_under_lora_head_and_full(tmp_path, pairs):
 
 def test_qlora_forward_backward_generate_on_cpu(tmp_path, pairs):
     from scoring import Reference
-    from data_selection import sample_responses
+    from generation import sample_responses
     from omegaconf import OmegaConf
     # the CPU 4-bit kernels quantise in blocks of 64 along the input dimension
     config, tokenizer, base, add_lora = build(tmp_path, pairs, "qlora=true", "model.architecture.hidden_size=64",
@@ -112,7 +112,7 @@ def test_qlora_forward_backward_generate_on_cpu(tmp_path, pairs):
     assert grads and all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
     assert torch.isfinite(Reference(policy).logps(ids, mask, labels)).all()
     texts = sample_responses(policy, tokenizer, [ids[0, :5].tolist()], 2,
-                             OmegaConf.create({"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 5}), "cpu")
+                             OmegaConf.create({"temperature": 1.0, "top_p": 1.0, "top_k": 0, "max_new_tokens": 5}), "cpu")
     assert len(texts) == 1 and len(texts[0]) == 2
 
 

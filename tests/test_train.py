@@ -500,11 +500,11 @@ def test_online_borda_batches_carry_the_reference_logps_of_their_tokens(tmp_path
 def test_generation_scoring_and_training_share_one_prompt_context(tmp_path, monkeypatch, strategy):
     """A prompt longer than max_prompt_length is cut once: the tokens the policy generated from are
     the prompt tokens of the pair it is trained on (and, for Borda, scored on)."""
-    import data_selection
+    import generation
     import evaluation   # noqa: F401  (binds the real sample_responses first: eval prompts must not count as generated-from)
     from trainers import BasicTrainer
     generated_from, trained_on = set(), []
-    original_sample, original_metrics = data_selection.sample_responses, BasicTrainer.batch_metrics
+    original_sample, original_metrics = generation.sample_responses, BasicTrainer.batch_metrics
 
     def sample(model, tokenizer, prompt_ids, *args, **kwargs):
         generated_from.update(tuple(p) for p in prompt_ids)
@@ -516,7 +516,7 @@ def test_generation_scoring_and_training_share_one_prompt_context(tmp_path, monk
                 trained_on.append(tuple(i for i, label in zip(ids, labels) if label == -100 and i != self.tokenizer.pad_token_id))
         return original_metrics(self, batch, train)
 
-    monkeypatch.setattr(data_selection, "sample_responses", sample)
+    monkeypatch.setattr(generation, "sample_responses", sample)
     monkeypatch.setattr(BasicTrainer, "batch_metrics", metrics)
     ratio = "selection_ratio=1" if strategy == "uniref" else "selection_ratio=2"
     run(compose_config(tiny_overrides(
@@ -702,7 +702,7 @@ def test_online_failed_judgments_are_dropped_and_counted_never_labels(tmp_path, 
 def test_online_jeopardy_ties_are_dropped_and_counted(tmp_path, monkeypatch):
     """JeopardyJudge: an abstention beats a wrong answer (a label), two wrong answers tie (no label). The
     policy's sampled answers alternate between the two cases; the reference always answers wrong."""
-    import data_selection
+    import generation
     import evaluation   # binds the real sample_responses for the eval answers before the loop's is replaced
     calls = []
 
@@ -712,7 +712,7 @@ def test_online_jeopardy_ties_are_dropped_and_counted(tmp_path, monkeypatch):
             return [["" if (sum(calls[:-1]) // 2 + i) % 2 == 0 else "qqq"] * n for i in range(len(prompt_ids))]
         return [["zzz"] * n for _ in prompt_ids]
 
-    monkeypatch.setattr(data_selection, "sample_responses", sample)
+    monkeypatch.setattr(generation, "sample_responses", sample)
     trained = record_trained_pairs(monkeypatch)
     summary = run(compose_config(tiny_overrides(
         tmp_path, "datasets=[jeopardy]", f"dataset_files.jeopardy={ROOT}/tests/fixtures/jeopardy.json", "loss=dpo",
@@ -817,7 +817,7 @@ def test_offline_ae_with_full_mc_dropout(tmp_path, pairs, monkeypatch, capsys):
 def test_online_borda_with_a_separate_reference_model_keeps_it_frozen(tmp_path, monkeypatch):
     """Full fine-tuning (no LoRA): the reference is a second model; its samples come from that model,
     its weights never change while the policy's do."""
-    import data_selection
+    import generation
     import evaluation   # noqa: F401  (binds the real sample_responses for the eval answers first)
     from trainers import BasicTrainer
     held = {}
@@ -830,14 +830,14 @@ def test_online_borda_with_a_separate_reference_model_keeps_it_frozen(tmp_path, 
         return original_train(self)
 
     samplers = []
-    original_sample = data_selection.sample_responses
+    original_sample = generation.sample_responses
 
     def sample(model, *args, **kwargs):
         samplers.append(model)
         return original_sample(model, *args, **kwargs)
 
     monkeypatch.setattr(BasicTrainer, "train", train)
-    monkeypatch.setattr(data_selection, "sample_responses", sample)
+    monkeypatch.setattr(generation, "sample_responses", sample)
     summary = run(compose_config(tiny_overrides(tmp_path, *HAIKU_ONLINE, "exp_name=sep", "selection_strategy=borda",
                                                 "selection_ratio=2", "num_action_samples=2", "batch_size=2", "n_examples=4",
                                                 "lr=1e-2")))
