@@ -1,10 +1,14 @@
 """End-to-end sample-efficiency benchmark: active label selection against its uniform baseline.
 
-What it does. For one task (or all three), every selection strategy is trained with every seed by
+What it does. For one task (or all of them), every selection strategy is trained with every seed by
 launching `train.py` as a subprocess; then `scripts/compare_runs.py` compares them against the
 baseline (learning-curve PNGs, final mean +- std over seeds, AUC, labels needed to reach the
 baseline's final value, Welch's t-test) and the table is printed and written to <out>/comparison.md.
 
+    jeopardy-online  online. SmolLM2-135M-Instruct + LoRA answers the clues (same --split), 2 samples per
+              role and prompt; the Jeopardy rule oracle labels correct > abstain > wrong (ties buy nothing):
+              borda against uniref. Metrics: jeopardy/* rates of greedy answers on held-out clues and
+              win_rate/win_rate against the reference.
     jeopardy  offline. SmolLM2-135M-Instruct + LoRA, no SFT stage (the model is instruction-tuned);
               pairs correct > abstain > wrong from the J! Archive file; ae, us and the ablations gradnorm
               (largest expected gradient) and length (longest responses) against uniform. --split dev |
@@ -64,8 +68,9 @@ from dataclasses import dataclass, field
 from typing import Callable, List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TASKS = ("jeopardy", "haikus", "hh")
-DATA_FILES = {"jeopardy": "jeopardy_clues.json", "haikus": "haiku_test.csv", "hh": "hh_sample.jsonl"}  # in --data-dir
+TASKS = ("jeopardy", "jeopardy-online", "haikus", "hh")
+DATA_FILES = {"jeopardy": "jeopardy_clues.json", "jeopardy-online": "jeopardy_clues.json", "haikus": "haiku_test.csv",
+              "hh": "hh_sample.jsonl"}  # in --data-dir
 KEEP_FILES = ("config.yaml", "metrics.jsonl", "summary.json")
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled"}
 
@@ -74,11 +79,13 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": 
 DEFAULTS = {
     "cpu": {
         "jeopardy": {"labels": 240, "evals": 3, "n_eval": 48, "n_samples": 48},
+        "jeopardy-online": {"labels": 240, "evals": 3, "n_eval": 48, "n_samples": 48},
         "haikus": {"labels": 256, "evals": 4, "n_eval": 64, "n_samples": 128, "sft_examples": 12000},
         "hh": {"labels": 120, "evals": 3, "n_eval": 64, "n_samples": 0, "sft_examples": 256},
     },
     "cuda": {
         "jeopardy": {"labels": 1024, "evals": 6, "n_eval": 256, "n_samples": 256},
+        "jeopardy-online": {"labels": 1024, "evals": 6, "n_eval": 256, "n_samples": 256},
         "haikus": {"labels": 1024, "evals": 6, "n_eval": 256, "n_samples": 256, "sft_examples": 40000},
         "hh": {"labels": 2048, "evals": 6, "n_eval": 512, "n_samples": 0, "sft_examples": 8000},
     },
@@ -168,6 +175,17 @@ def jeopardy_dpo(args, strategy: str) -> List[str]:
             "max_length=96", "max_prompt_length=80", "generation.max_new_tokens=16", *budget_overrides(args)]
 
 
+def jeopardy_online_dpo(args, strategy: str) -> List[str]:
+    # the model answers clues itself; the rule oracle prefers correct > abstain > wrong and buys nothing
+    # for a tie. lr 1e-3 as offline Jeopardy (not tuned online)
+    ratio = 1 if strategy == "uniref" else 3
+    return ["model=smollm2-135m", "lora=true", "datasets=[jeopardy]", f"dataset_files.jeopardy={jeopardy_clues(args)}",
+            "loss=dpo", "loss.beta=0.1", "online=true", "oracle=jeopardy", f"selection_strategy={strategy}",
+            f"selection_ratio={ratio}", "num_action_samples=2", "batch_size=8", "eval_batch_size=16", "optimizer=AdamW",
+            "lr=1e-3", "warmup_steps=2", "max_length=96", "max_prompt_length=80", "generation.max_new_tokens=16",
+            "generation.temperature=1.0", *budget_overrides(args)]
+
+
 def haiku_data_dir(args) -> str:
     return os.path.join(os.path.abspath(args.out), "data")
 
@@ -244,6 +262,9 @@ TASK_SPECS = {
                      ["jeopardy/wrong_rate", "jeopardy/abstain_rate", "jeopardy/correct_rate", "rewards_eval/accuracies",
                       "loss/eval"],
                      jeopardy_dpo),
+    "jeopardy-online": Task("jeopardy-online", ["uniref", "borda"],
+                            ["jeopardy/wrong_rate", "jeopardy/abstain_rate", "jeopardy/correct_rate", "win_rate/win_rate"],
+                            jeopardy_online_dpo),
     "haikus": Task("haikus", ["uniref", "borda"],
                    ["haiku/strict_valid_rate", "haiku/three_line_rate", "haiku/mean_syllable_distance",
                     "haiku/keyword_inclusion_rate", "win_rate/win_rate"],
@@ -427,7 +448,7 @@ def main(argv=None) -> int:
         args.threads = 1
     sys.path.insert(0, ROOT)
     tasks = TASKS if args.task == "all" else (args.task,)
-    missing = [DATA_FILES[name] for name in tasks if not os.path.isfile(data_file(args, name))]
+    missing = list(dict.fromkeys(DATA_FILES[name] for name in tasks if not os.path.isfile(data_file(args, name))))
     if missing and not args.dry_run:
         parser.error(f"--data-dir {args.data_dir}: {', '.join(missing)} not found")
     for name in tasks:

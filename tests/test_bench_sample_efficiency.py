@@ -27,9 +27,9 @@ def test_dry_run_prints_every_run_as_a_valid_config(tmp_path, capsys):
     assert bench.main(["--task", "all", "--seeds", "0", "1", "--out", str(tmp_path), "--dry-run",
                        "--set", "lr=1e-4"]) == 0
     runs = train_overrides(capsys.readouterr().out)
-    # jeopardy: 6 strategies (ablations and headroom included) x 2 seeds; haikus: 1 shared SFT + 2 x 2;
-    # hh: 1 shared SFT (split_seed fixes its share) + 5 x 2
-    assert len(runs) == 12 + 5 + 11
+    # jeopardy: 6 strategies (ablations and headroom included) x 2 seeds; jeopardy-online: 2 x 2;
+    # haikus: 1 shared SFT + 2 x 2; hh: 1 shared SFT (split_seed fixes its share) + 5 x 2
+    assert len(runs) == 12 + 4 + 5 + 11
     names = [next(o for o in overrides if o.startswith("exp_name=")) for overrides in runs]
     assert len(set(names)) == len(names)
     for overrides in runs:
@@ -237,3 +237,16 @@ def test_strategy_specs_carry_overrides_into_their_runs(tmp_path, capsys):
                                              "jeopardy_length_s0"]
     with pytest.raises(SystemExit, match="expected key=value"):
         bench.main(["--task", "jeopardy", "--seeds", "0", "--out", str(tmp_path), "--dry-run", "--strategies", "uniform@lr"])
+
+
+def test_online_jeopardy_runs_borda_against_uniref_with_the_rule_oracle(tmp_path, capsys):
+    from train import check_config
+    assert bench.main(["--task", "jeopardy-online", "--split", "validation", "--seeds", "0", "1",
+                       "--out", str(tmp_path), "--dry-run"]) == 0
+    configs = [compose_config(o) for o in train_overrides(capsys.readouterr().out)]
+    for config in configs:
+        check_config(config)
+    assert [(c.selection_strategy, c.selection_ratio, c.seed) for c in configs] == [
+        ("uniref", 1, 0), ("borda", 3, 0), ("uniref", 1, 1), ("borda", 3, 1)]
+    assert all(c.online and c.oracle.name == "jeopardy" and c.lora and c.model.name == "smollm2-135m" for c in configs)
+    assert all(c.dataset_files.jeopardy.endswith("jeopardy_clues.validation.json") for c in configs)
