@@ -38,7 +38,8 @@ weights (small), which later seeds start from. Each run's console output goes to
 How long (CPU defaults, 1 thread per run, measured on 2 CPU cores with 2-3 runs side by side):
 jeopardy 7-10 min per uniform run, 10-14 min per us or ae run, so 15 runs (5 seeds) are ~2.8 h of
 run time, ~1.5 h with two invocations of disjoint seeds; haikus SFT 10 min, then ~35 s per uniref
-run and ~2.5 min per borda run on a free core. Time
+run and ~2.5 min per borda run on a free core; hh SFT 7 min, then 10-16 min per uniform run and 17-24 min
+per ae run (2-3 runs side by side). Time
 grows linearly with seeds and labels. `--device cuda` uses bigger defaults (train.py picks the GPU
 by itself when one is present).
 
