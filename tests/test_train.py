@@ -706,7 +706,7 @@ def test_online_jeopardy_ties_are_dropped_and_counted(tmp_path, monkeypatch):
     import evaluation   # binds the real sample_responses for the eval answers before the loop's is replaced
     calls = []
 
-    def sample(model, tokenizer, prompt_ids, n, generation, device):
+    def sample(model, tokenizer, prompt_ids, n, generation, device, **kwargs):
         calls.append(len(prompt_ids))
         if len(calls) % 2:   # the policy samples first in each step, then the reference
             return [["" if (sum(calls[:-1]) // 2 + i) % 2 == 0 else "qqq"] * n for i in range(len(prompt_ids))]
