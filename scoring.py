@@ -708,7 +708,7 @@ def prompt_groups(sequences: List[Dict], batch_size: int) -> List[List[int]]:
     return [b for b in batches if b]
 
 
-def shared_prompt_batch(sequences: List[Dict], pad_token_id: int) -> Tuple[SharedPrompts, Dict[str, torch.Tensor]]:
+def shared_prompt_batch(sequences: List[Dict], pad_token_id: int, device) -> Tuple[SharedPrompts, Dict[str, torch.Tensor]]:
     """(SharedPrompts, suffix batch) of sequences whose prompts have >= 2 tokens: the suffix of each is
     its prompt's last token then its response, right-padded (input_ids, attention_mask, labels (B, T))."""
     keys, rows, prefixes = {}, [], []
@@ -720,14 +720,14 @@ def shared_prompt_batch(sequences: List[Dict], pad_token_id: int) -> Tuple[Share
             prefixes.append(list(key[:-1]))
         rows.append(keys[key])
     width = max(len(p) for p in prefixes)
-    ids = torch.tensor([[pad_token_id] * (width - len(p)) + p for p in prefixes])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prefixes])
+    ids = torch.tensor([[pad_token_id] * (width - len(p)) + p for p in prefixes], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prefixes], device=device)
     suffixes = []
     for seq in sequences:
         n = prompt_length(seq)
         suffixes.append({"input_ids": seq["input_ids"][n - 1:], "attention_mask": seq["attention_mask"][n - 1:],
                          "labels": [-100] + list(seq["labels"][n:])})
-    return SharedPrompts(ids, mask, torch.tensor(rows)), collate(suffixes, pad_token_id)
+    return SharedPrompts(ids, mask, torch.tensor(rows, device=device)), collate(suffixes, pad_token_id)
 
 
 def score_sequences(policy, reference: Optional[Reference], sequences: List[Dict], *, estimator: Optional[Estimator],
@@ -755,8 +755,7 @@ def score_sequences(policy, reference: Optional[Reference], sequences: List[Dict
         chosen = [sequences[i] for i in members]
         prompts = None
         if share:
-            prompts, batch = shared_prompt_batch(chosen, pad_token_id)
-            prompts = SharedPrompts(prompts.ids.to(device), prompts.mask.to(device), prompts.rows.to(device))
+            prompts, batch = shared_prompt_batch(chosen, pad_token_id, device)
         else:
             batch = collate(chosen, pad_token_id)
         ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))

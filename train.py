@@ -94,6 +94,9 @@ def check_config(config: DictConfig) -> None:
         raise ConfigError(f"trainer={config.trainer} is unknown; allowed: BasicTrainer")
     if config.lora and config.qlora:
         raise ConfigError("lora=true and qlora=true are exclusive (qlora already adds LoRA adapters)")
+    top_k = config.generation.top_k
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
+        raise ConfigError(f"generation.top_k={top_k} must be an integer >= 0 (0 = off)")
     if int(config.generation.prompts_per_call) < 1:
         raise ConfigError(f"generation.prompts_per_call={config.generation.prompts_per_call} must be a positive integer")
     distributed.check_config(config)

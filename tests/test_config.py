@@ -63,6 +63,8 @@ def test_demo_preset_passes_checks():
     (["model=blank_model"], "required key model.name_or_path is missing"),
     (["loss=dpo", "split_seed=abc"], "split_seed=abc must be an integer"),
     (["loss=dpo", "laplace_prior_std=0"], "laplace_prior_std=0 must be > 0"),
+    (["loss=dpo", "generation.top_k=null"], "generation.top_k=None must be an integer >= 0"),
+    (["loss=dpo", "generation.top_k=-1"], "generation.top_k=-1 must be an integer >= 0"),
     (["loss=dpo", "active=true", "uncertainty_method=ensemble"],
      "uncertainty_method=ensemble is unknown; allowed: head, full, head_analytic, laplace"),
 ])
