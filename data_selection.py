@@ -63,9 +63,10 @@ class CandidateScorer:
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed + 7919 * distributed.rank())  # each rank its own masks
         self.warned_zero_spread = False
-        # grouping by prompt gives each rank its own number of forward calls, and under FSDP every
-        # forward is a collective (scripts/bench_online.py also turns it off, to time the path without it)
-        self.share_prompts = not distributed.in_lockstep()
+        # one process only: grouping by prompt gives each rank its own number of forward calls (under
+        # FSDP each is a collective), and 2-rank gloo runs aborted at exit in 2 of 8 tries with it
+        # (scripts/bench_online.py also turns it off, to time the path without it)
+        self.share_prompts = distributed.world_size() == 1
 
     def __call__(self, sequences: List[Dict], columns: int) -> Dict[str, torch.Tensor]:
         """Scores of `sequences` viewed as (len // columns, columns) per key. Under torchrun each rank

@@ -94,10 +94,9 @@ class Generator:
         self.policy, self.reference, self.tokenizer = policy, reference, tokenizer
         self.generation, self.device, self.seed = generation, device, seed
         self.joint = bool(generation.joint_roles) and joint_roles_possible(reference)
-        # under FSDP every forward is a collective: the extra prompt pass is left out there, so that no
-        # rank's call count can depend on its prompts (scripts/bench_online.py also turns it off, to time
-        # the path without it)
-        self.reuse_prompt = not distributed.in_lockstep()
+        # one process only, as CandidateScorer.share_prompts (scripts/bench_online.py also turns it off,
+        # to time the path without it)
+        self.reuse_prompt = distributed.world_size() == 1
 
     def sample(self, prompt_ids: List[List[int]], n: int, start: int) -> Tuple[List[List[str]], List[List[str]]]:
         """prompt_ids: the step's prompts, the first at position `start` of the prompt stream."""
