@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 import distributed
-from generation import Generator, PromptTokens
+from generation import CandidatesJournal, Generator, PromptTokens, journal_path
 from oracles import LEDGER_FILENAME, Ledger, Query, judge_with_budget
 from preference_datasets import (Datasets, collate, iterate_elements, iterate_prompts, load_datasets, pair_element,
                                  truncation_mode_for)
@@ -230,14 +230,16 @@ class OnlineSource:
     m policy and m reference samples each (tokenised once); the strategy keeps batch_size prompts and
     one (policy, reference) pair per prompt; the oracle labels the pairs; pairs it could not label
     are dropped and counted. `n_examples` counts labels bought. Under torchrun the ranks share the
-    generation and the scoring; rank 0 asks the oracle (ledger: None on the other ranks)."""
+    generation and the scoring; rank 0 asks the oracle (ledger: None on the other ranks). The journal
+    keeps each step's samples, so a resumed run replays the steps it repeats."""
 
     def __init__(self, prompts: Callable[[int], Iterator], strategy: Strategy, scorer: CandidateScorer,
-                 generator: Generator, tokens: PromptTokens, config, device, oracle, ledger: Ledger):
+                 generator: Generator, tokens: PromptTokens, config, device, oracle, ledger: Ledger,
+                 journal: CandidatesJournal):
         self.prompts, self.strategy, self.scorer, self.generator = prompts, strategy, scorer, generator
         self.tokens, self.config, self.device = tokens, config, device
-        self.oracle, self.ledger = oracle, ledger
-        self.consumed = self.labels = self.failures = self.scored = 0
+        self.oracle, self.ledger, self.journal = oracle, ledger, journal
+        self.consumed = self.labels = self.failures = self.scored = self.steps = 0
         self.rng = random.Random(int(config.seed) + 2)
         self.reliability = ReliabilityLog()
 
@@ -259,7 +261,12 @@ class OnlineSource:
             t0 = time.time()
             start = self.consumed - len(pool)
             prompt_ids = [self.tokens.prompt(name, prompt) for name, prompt, _ in pool]
-            policy_texts, reference_texts = self.generator.sample(prompt_ids, m, start)
+            replay = self.journal.lookup(start, m)
+            if replay is None:
+                policy_texts, reference_texts = self.generator.sample(prompt_ids, m, start, step=self.steps)
+                self.journal.record(start, m, policy_texts, reference_texts)
+            else:
+                policy_texts, reference_texts = replay
             # candidates[p][c]: (text, sequence); columns 0..m-1 the policy's samples, m..2m-1 the reference's
             candidates = [[(text, self.tokens.response(ids, text)) for text in list(pol) + list(ref)]
                           for ids, pol, ref in zip(prompt_ids, policy_texts, reference_texts)]
@@ -300,12 +307,13 @@ class OnlineSource:
                 elements.append(element)
             self.labels += len(elements)
             self.scorer.observe(scores, bought, first_won)
-            info = {**selection_stats(selection, view, len(pool)), **self.scorer.stats()}
+            self.steps += 1
+            info = {**selection_stats(selection, view, len(pool)), **self.scorer.stats(), **self.generator.stats()}
             info.update(self.reliability.step(split_half_spearman(self.strategy, view, len(pool), want, cfg), len(pool)))
             info.update(times)
             info.update({"labels": len(elements), "pairs": labelled, "counters/labels_bought": self.labels,
                          "counters/oracle_failures": self.failures, "counters/prompts_seen": self.consumed,
-                         "counters/candidates_scored": self.scored})
+                         "counters/candidates_scored": self.scored, "counters/steps_replayed": int(replay is not None)})
             if elements:
                 yield collate(elements, tokenizer.pad_token_id), info
             if budget_spent:
@@ -320,11 +328,12 @@ class OnlineSource:
 
     def state_dict(self) -> Dict:
         return {"consumed": self.consumed, "labels": self.labels, "failures": self.failures, "scored": self.scored,
-                "rng": list(self.rng.getstate()[1]), "rng_pos": self.rng.getstate()[2], **self.scorer.state_dict(),
+                "steps": self.steps, "rng": list(self.rng.getstate()[1]), "rng_pos": self.rng.getstate()[2], **self.scorer.state_dict(),
                 **self.reliability.state_dict()}
 
     def load_state_dict(self, state: Dict) -> None:
         self.consumed, self.labels, self.failures, self.scored = state["consumed"], state["labels"], state["failures"], state["scored"]
+        self.steps = state.get("steps", 0)   # checkpoints from before the vLLM backend
         self.rng.setstate((3, tuple(state["rng"]), state["rng_pos"]))
         self.scorer.load_state_dict(state)
         self.reliability.load_state_dict(state)
@@ -397,9 +406,14 @@ def build_source(config, data: Dict[str, Datasets], policy, reference, tokenizer
                                                     n_epochs=epochs), skip, None)
 
         ledger = Ledger(os.path.join(run_dir, LEDGER_FILENAME)) if distributed.is_main() else None
-        generator = Generator(policy, reference, tokenizer, config.generation, device, seed=int(config.seed))
+        if config.generation.backend == "vllm":
+            from vllm_backend import VLLMGenerator
+            generator = VLLMGenerator(policy, reference, tokenizer, config.generation, device, int(config.seed), run_dir)
+        else:
+            generator = Generator(policy, reference, tokenizer, config.generation, device, seed=int(config.seed))
+        journal = CandidatesJournal(journal_path(run_dir), write=distributed.is_main())
         return OnlineSource(prompts, strategy, scorer, generator, prompt_tokens(config, tokenizer), config, device,
-                            oracle, ledger)
+                            oracle, ledger, journal)
 
     sft_mode = config.loss.name == "sft"
     limit = {"n_examples": int(config.n_examples)} if config.n_examples is not None and not config.active else {"n_epochs": int(config.n_epochs)}

@@ -11,6 +11,7 @@ Under LoRA the reference is the policy's own base (or its frozen 'reference' ada
 which the reference rows skip the trainable adapter. That halves the decoding steps of a step's
 generation; greedy outputs are the same as with one call per role (tests/test_generation.py).
 """
+import os
 import random
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
@@ -19,6 +20,7 @@ import torch
 
 import distributed
 from preference_datasets import tokenize_prompt, tokenize_response, truncation_mode_for
+from utils import append_jsonl, end_torn_line, read_jsonl
 
 BASE_ADAPTER = "__base__"   # PEFT's name for "no adapter" in a mixed-adapter batch
 
@@ -98,8 +100,9 @@ class Generator:
         # to time the path without it)
         self.reuse_prompt = distributed.world_size() == 1
 
-    def sample(self, prompt_ids: List[List[int]], n: int, start: int) -> Tuple[List[List[str]], List[List[str]]]:
-        """prompt_ids: the step's prompts, the first at position `start` of the prompt stream."""
+    def sample(self, prompt_ids: List[List[int]], n: int, start: int, step: int = 0) -> Tuple[List[List[str]], List[List[str]]]:
+        """prompt_ids: the step's prompts, the first at position `start` of the prompt stream; step: the
+        optimizer steps taken so far (the vLLM backend names its adapter by it; unused here)."""
         if self.joint:
             both = self._in_calls(prompt_ids, lambda ids: self._sample_joint(ids, n), "joint", start)
             return [row[:n] for row in both], [row[n:] for row in both]
@@ -107,6 +110,9 @@ class Generator:
         with self.reference.active() as model:
             reference = self._in_calls(prompt_ids, lambda ids: self._sample(model, ids, n), "reference", start)
         return policy, reference
+
+    def stats(self) -> Dict[str, float]:
+        return {}
 
     def _sample(self, model, prompt_ids, n):
         return sample_responses(model, self.tokenizer, prompt_ids, n, self.generation, self.device,
@@ -150,3 +156,38 @@ class PromptTokens:
 
     def response(self, prompt_ids: List[int], text: str) -> Dict[str, List[int]]:
         return tokenize_response(prompt_ids, text, self.tokenizer, self.max_length)
+
+
+CANDIDATES_FILENAME = "candidates.jsonl"
+
+
+class CandidatesJournal:
+    """<run_dir>/candidates.jsonl: each online step's samples, keyed by the position of its first prompt
+    in the prompt stream and n, written (rank 0, fsynced) before any of them is labelled. A resumed run
+    replays the samples of the steps it repeats instead of sampling anew, so its queries are the ones
+    the ledger already holds verdicts for and no label is bought twice, whatever the backend (a vLLM
+    server's samples are not reproducible across adapter reloads). Every rank reads it; path None
+    keeps it in memory only."""
+
+    def __init__(self, path: Optional[str], write: bool):
+        self.path, self.write = path, write
+        self.entries: Dict[Tuple[int, int], Dict] = {}
+        if path is not None:
+            for rec in read_jsonl(path):
+                self.entries[(rec["start"], rec["n"])] = rec
+            if write:
+                end_torn_line(path)
+
+    def lookup(self, start: int, n: int) -> Optional[Tuple[List[List[str]], List[List[str]]]]:
+        rec = self.entries.get((start, n))
+        return None if rec is None else (rec["policy"], rec["reference"])
+
+    def record(self, start: int, n: int, policy: List[List[str]], reference: List[List[str]]) -> None:
+        rec = {"start": start, "n": n, "policy": policy, "reference": reference}
+        if self.path is not None and self.write:
+            append_jsonl(self.path, rec)
+        self.entries[(start, n)] = rec
+
+
+def journal_path(run_dir: Optional[str]) -> Optional[str]:
+    return os.path.join(run_dir, CANDIDATES_FILENAME) if run_dir else None

@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 from omegaconf import DictConfig, OmegaConf
 
 from task_rules import compare_haikus, jeopardy_grade
-from utils import ConfigError, append_jsonl, check_number, read_jsonl
+from utils import ConfigError, append_jsonl, check_number, end_torn_line, read_jsonl
 
 # The training ledger in <run_dir>: labels bought for training, counted against oracle.max_queries.
 LEDGER_FILENAME = "oracle_ledger.jsonl"
@@ -168,19 +168,7 @@ class Ledger:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             for rec in read_jsonl(path):
                 self._remember(rec)
-            self._end_torn_line()
-
-    def _end_torn_line(self) -> None:
-        """After a kill mid-write the file ends inside a record; without a newline the next record
-        would be glued to that fragment and lost too."""
-        if not os.path.exists(self.path) or os.path.getsize(self.path) == 0:
-            return
-        with open(self.path, "rb+") as f:
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":
-                f.write(b"\n")
-                f.flush()
-                os.fsync(f.fileno())
+            end_torn_line(path)
 
     def _remember(self, rec: Dict[str, Any]) -> None:
         self.n_paid += 1

@@ -97,6 +97,16 @@ def check_config(config: DictConfig) -> None:
     top_k = config.generation.top_k
     if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
         raise ConfigError(f"generation.top_k={top_k} must be an integer >= 0 (0 = off)")
+    if config.generation.backend not in ("hf", "vllm"):
+        raise ConfigError(f"generation.backend={config.generation.backend} is unknown; allowed: hf, vllm")
+    if config.generation.backend == "vllm":
+        if not config.online:
+            raise ConfigError("generation.backend=vllm samples the online loop's candidates: set online=true (eval answers use hf)")
+        if not config.lora or config.qlora:
+            raise ConfigError("generation.backend=vllm needs lora=true: the server holds the base and loads the policy's "
+                              "adapter each step (full fine-tunes and qlora's 4-bit base cannot be synced to it)")
+        if not float(config.generation.vllm.logprob_tolerance) > 0:
+            raise ConfigError(f"generation.vllm.logprob_tolerance={config.generation.vllm.logprob_tolerance} must be > 0")
     if int(config.generation.prompts_per_call) < 1:
         raise ConfigError(f"generation.prompts_per_call={config.generation.prompts_per_call} must be a positive integer")
     distributed.check_config(config)
@@ -129,6 +139,8 @@ def resume_config(run_dir: str) -> DictConfig:
     if "distributed" not in config:  # runs from before torchrun support: one process, one generate() per pool
         config.distributed = {"strategy": None, "timeout_s": 1800}
         config.generation.prompts_per_call = 1_000_000
+    if "backend" not in config.generation:  # runs from before the vLLM backend
+        config.generation.backend = "hf"
     return config
 
 
@@ -246,6 +258,9 @@ def main_with(config: DictConfig) -> Dict:
     summary = trainer.train()
     logger.finish()
     print_summary(summary)
+    # every rank leaves together: a rank that tore down its process group while the other still held
+    # gloo connections aborted at exit ("terminate called without an active exception")
+    distributed.barrier()
     return summary
 
 

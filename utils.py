@@ -112,6 +112,19 @@ def append_jsonl(path: str, record: Dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
+def end_torn_line(path: str) -> None:
+    """After a kill mid-write a JSONL file ends inside a record; without a newline the next record
+    would be glued to that fragment and lost too."""
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
+        return
+    with open(path, "rb+") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) != b"\n":
+            f.write(b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
 def read_jsonl(path: str) -> List[Dict[str, Any]]:
     """Read a JSONL file written by `append_jsonl`; a torn last line (killed mid-write) is ignored."""
     records = []

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The CUDA paths in one run, for whoever has a GPU: QLoRA DPO steps, bf16 weights, offline AE and
-# online Borda steps, torchrun with ddp and fsdp on the GPUs present, and the benchmarks with
-# --device cuda. Under 8 minutes on one GPU; prints one summary block at the end (put its figures
+# online Borda steps, torchrun with ddp and fsdp on the GPUs present, the benchmarks with
+# --device cuda, and the vLLM backend against HF (greedy agreement, log-prob guard, tokens/s) when
+# .venv-vllm exists. Under 8 minutes on one GPU; prints one summary block at the end (put its figures
 # in the README). Data from the repository only (the tests' synthetic preference pairs, data/),
 # models built from config (the tiny Llama at a GPU-sized width): no network, no model download.
 #
@@ -43,7 +44,7 @@ check() {   # check NAME COMMAND...: run it, keep its log, add one summary line 
   local start=$SECONDS status
   if timeout "${LIMIT:-300}" "$@" >"$LOGS/$name.log" 2>&1; then status=ok; else status="FAILED (exit $?)"; fi
   local figures
-  figures=$(grep -a -E "^steps [0-9]+|loss/eval |win_rate/win_rate |^\| [0-9]+ \||naive / ours =|selection reproducibility" "$LOGS/$name.log" \
+  figures=$(grep -a -E "^steps [0-9]+|loss/eval |win_rate/win_rate |^\| [0-9]+ \||naive / ours =|selection reproducibility|greedy agreement|log-prob guard|tokens/s" "$LOGS/$name.log" \
             | tr -s ' ' | tr '\n' ';' | cut -c1-400)
   SUMMARY+=("$(printf '%-22s %-16s %4d s  %s' "$name" "$status" $((SECONDS - start)) "$figures")")
   [ "$status" = ok ] || tail -n 5 "$LOGS/$name.log" | sed "s/^/    $name: /"
@@ -65,6 +66,10 @@ if [ "$GPUS" -gt 0 ]; then
   PROCS=(1); for n in 2 4 8; do [ "$GPUS" -ge $n ] && PROCS+=($n); done
   check bench_scaling   "$PY" scripts/bench_scaling.py --device cuda "${BENCH[@]}" --pool 48 --pairs 16 \
                         --prompt-len 64 --response-len 64 --procs "${PROCS[@]}" --strategy fsdp
+fi
+
+if [ -x .venv-vllm/bin/python ]; then   # generation.backend=vllm: make vllm-venv first
+  check vllm_agreement "$PY" scripts/vllm_agreement.py --device "$([ "$GPUS" -gt 0 ] && echo cuda || echo cpu)" --prompts 16
 fi
 
 echo

@@ -14,6 +14,10 @@ torch.set_num_threads(2)
 
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "vllm: needs a real vLLM server from .venv-vllm (make test-vllm)")
+
 CORPUS = [
     "\n\nHuman: What is the capital of France?\n\nAssistant: The capital of France is Paris.",
     "\n\nHuman: How do I boil an egg?\n\nAssistant: Put it in boiling water for nine minutes.",
@@ -72,3 +76,36 @@ def tiny_overrides(tmp_path, *extra):
             "model.architecture.hidden_size=32", "model.architecture.intermediate_size=64", "model.architecture.vocab_size=400",
             "optimizer=AdamW", "lr=3e-3", "warmup_steps=0", "max_length=64", "max_prompt_length=32",
             "eval_batch_size=16", *extra]
+
+
+PROMPTS = ["Write a haiku about snow", "What is the capital of France?", "HISTORY, for $200:", "gold"]
+
+
+@pytest.fixture
+def lora_policy(tmp_path):
+    """(tokenizer, PEFT policy with non-zero adapters, its Reference, prompt ids)."""
+    from models import add_lora, load_model, load_tokenizer
+    from scoring import Reference
+    pairs = write_synthetic_pairs(tmp_path / "pairs.jsonl")
+    config = compose_config(tiny_overrides(tmp_path, f"datasets=[{pairs}]", "loss=dpo", "exp_name=g", "lora=true"))
+    tokenizer = load_tokenizer(config)
+    policy = add_lora(load_model(config, tokenizer, "float32"), config)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.5 * torch.randn_like(p))
+    ids = [tokenizer(p).input_ids for p in PROMPTS]
+    return tokenizer, policy, Reference(policy), ids
+
+
+def add_reference_adapter(policy) -> None:
+    """A frozen second adapter named 'reference' (as an SFT stage's adapter is), with non-zero weights."""
+    from peft import LoraConfig
+    policy.add_adapter("reference", LoraConfig(**{**policy.peft_config["default"].to_dict(), "peft_type": None,
+                                                   "task_type": "CAUSAL_LM"}))
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name and ".reference." in name:
+                p.add_(0.5 * torch.randn_like(p))
+    policy.set_adapter("default")

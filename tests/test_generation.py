@@ -4,34 +4,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import compose_config, tiny_overrides, write_synthetic_pairs
+from conftest import add_reference_adapter
 from generation import Generator, sample_responses, sampling_kwargs
-
-PROMPTS = ["Write a haiku about snow", "What is the capital of France?", "HISTORY, for $200:", "gold"]
-
 
 def generation_config(**kw):
     base = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "max_new_tokens": 12, "prompts_per_call": 3,
             "joint_roles": True}
     return OmegaConf.create({**base, **kw})
-
-
-@pytest.fixture
-def lora_policy(tmp_path):
-    """(tokenizer, PEFT policy with non-zero adapters, its Reference, prompt ids)."""
-    from models import add_lora, load_model, load_tokenizer
-    from scoring import Reference
-    pairs = write_synthetic_pairs(tmp_path / "pairs.jsonl")
-    config = compose_config(tiny_overrides(tmp_path, f"datasets=[{pairs}]", "loss=dpo", "exp_name=g", "lora=true"))
-    tokenizer = load_tokenizer(config)
-    policy = add_lora(load_model(config, tokenizer, "float32"), config)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in policy.named_parameters():
-            if "lora_B" in name:
-                p.add_(0.5 * torch.randn_like(p))
-    ids = [tokenizer(p).input_ids for p in PROMPTS]
-    return tokenizer, policy, Reference(policy), ids
 
 
 def test_sampling_kwargs_are_explicit():
@@ -66,14 +45,7 @@ def test_rows_repeated_per_sample_match_num_return_sequences(lora_policy):
 def test_joint_call_gives_the_greedy_answers_of_one_call_per_role(lora_policy, reference_adapter):
     tokenizer, policy, reference, ids = lora_policy
     if reference_adapter:   # a frozen SFT adapter named 'reference' is the reference
-        from peft import LoraConfig
-        policy.add_adapter("reference", LoraConfig(**{**policy.peft_config["default"].to_dict(), "peft_type": None,
-                                                       "task_type": "CAUSAL_LM"}))
-        with torch.no_grad():
-            for name, p in policy.named_parameters():
-                if "lora_B" in name and ".reference." in name:
-                    p.add_(0.5 * torch.randn_like(p))
-        policy.set_adapter("default")
+        add_reference_adapter(policy)
     cfg = generation_config()
     joint = Generator(policy, reference, tokenizer, cfg, "cpu", seed=0)
     separate = Generator(policy, reference, tokenizer, generation_config(joint_roles=False), "cpu", seed=0)
