@@ -17,9 +17,10 @@ from tqdm import tqdm
 
 import distributed
 from generation import CandidatesJournal, Generator, PromptTokens, journal_path
-from oracles import LEDGER_FILENAME, Ledger, Query, judge_with_budget
+from oracles.base import Query
+from oracles.ledger import LEDGER_FILENAME, Ledger, judge_with_budget
 from preference_datasets import (Datasets, collate, iterate_elements, iterate_prompts, load_datasets, pair_element,
-                                 truncation_mode_for)
+                                 truncation_mode_for, unlabelled_files)
 from scoring import ESTIMATORS, head_features, policy_logps, score_sequences
 from strategies import (STRATEGIES, ReliabilityLog, Strategy, scores_policy, selection_stats, selection_view,
                         split_half_spearman)
@@ -40,6 +41,15 @@ def pair_sequences(elements: List[Dict]) -> Tuple[List[Dict], List[bool]]:
             seqs.append({"input_ids": e[f"{side}_input_ids"], "attention_mask": e[f"{side}_attention_mask"],
                          "labels": e[f"{side}_labels"]})
     return seqs, flipped
+
+
+def swap_responses(element: Dict) -> None:
+    """Exchange the chosen and rejected sides of a pair element (texts, token ids, reference log-probs)."""
+    for suffix in ("", "_input_ids", "_attention_mask", "_labels"):
+        element[f"chosen{suffix}"], element[f"rejected{suffix}"] = element[f"rejected{suffix}"], element[f"chosen{suffix}"]
+    if "reference_chosen_logps" in element:
+        element["reference_chosen_logps"], element["reference_rejected_logps"] = (
+            element["reference_rejected_logps"], element["reference_chosen_logps"])
 
 
 def response_lengths(sequences: List[Dict]) -> torch.Tensor:
@@ -149,12 +159,19 @@ class PlainSource:
 class OfflineActiveSource:
     """Each step: a pool of batch_size * selection_ratio candidate pairs from the non-SFT share,
     scored without their labels; the strategy keeps batch_size of them for the DPO batch.
-    `n_examples` counts the selected pairs (labels used), not candidates scored."""
+    `n_examples` counts the selected pairs (labels used), not candidates scored.
 
-    def __init__(self, make_elements, strategy: Strategy, scorer: CandidateScorer, config, pad_token_id):
+    With an oracle (an unlabelled pool: elements marked 'unlabelled', response_a/response_b in the
+    chosen/rejected keys) the selected pairs are labelled by it, as online: rank 0 asks, through the
+    ledger and the budget, and every rank orients each pair by the verdict; pairs it could not label
+    are dropped and counted, and `n_examples` counts labels bought."""
+
+    def __init__(self, make_elements, strategy: Strategy, scorer: CandidateScorer, config, pad_token_id,
+                 oracle=None, ledger: Optional[Ledger] = None):
         self.make_elements, self.strategy, self.scorer = make_elements, strategy, scorer
         self.config, self.pad_token_id = config, pad_token_id
-        self.consumed = self.labels = self.scored = 0
+        self.oracle, self.ledger = oracle, ledger
+        self.consumed = self.labels = self.scored = self.failures = 0
         self.warned_short_pool = False
         self.rng = random.Random(int(config.seed) + 2)
         self.reliability = ReliabilityLog()
@@ -189,14 +206,17 @@ class OfflineActiveSource:
             if self.strategy.uses_labels:
                 view = dict(view, first_is_rejected=torch.tensor(flipped, dtype=torch.bool))
             selection = self.strategy.select(view, len(pool), want, cfg, self.rng)
-            if flipped:
-                self.scorer.observe(scores, [(i, 0, 1) for i in selection.rows], [not flipped[i] for i in selection.rows])
             if "ref" in scores:
                 for i in selection.rows:
                     first, second = float(scores["ref"][i, 0]), float(scores["ref"][i, 1])
                     pool[i]["reference_chosen_logps"], pool[i]["reference_rejected_logps"] = (
                         (second, first) if flipped[i] else (first, second))
-            selected = [pool[i] for i in selection.rows]
+            rows, swapped, budget_spent = list(selection.rows), set(), False
+            if self.oracle is not None:
+                rows, swapped, budget_spent = self._buy_labels(pool, rows)
+            if flipped:   # whether each kept pair's canonical first response is the preferred one
+                self.scorer.observe(scores, [(i, 0, 1) for i in rows], [(not flipped[i]) != (i in swapped) for i in rows])
+            selected = [pool[i] for i in rows]
             self.labels += len(selected)
             info = {**selection_stats(selection, view, len(pool)), **self.scorer.stats()}
             info.update(self.reliability.step(split_half_spearman(self.strategy, view, len(pool), want, cfg), len(pool)))
@@ -204,22 +224,50 @@ class OfflineActiveSource:
                 info["selection/uses_labels"] = 1.0
             info.update({"labels": len(selected), "selection/time_s": time.time() - t0,
                          "counters/candidates_scored": self.scored, "counters/labels_used": self.labels})
-            yield collate(selected, self.pad_token_id), info
+            if self.oracle is not None:
+                info.update({"counters/labels_bought": self.labels, "counters/oracle_failures": self.failures})
+            if selected:
+                yield collate(selected, self.pad_token_id), info
+            if budget_spent:
+                tqdm.write(f"oracle budget oracle.max_queries={cfg.oracle.max_queries} spent; stopping")
+                return
+
+    def _buy_labels(self, pool: List[Dict], rows: List[int]) -> Tuple[List[int], set, bool]:
+        """Ask the oracle about the selected unlabelled pairs (response_a first) and orient each by its
+        verdict (the winner becomes 'chosen'); returns the rows it labelled, those where response_b won
+        (swapped), and whether the budget ran out."""
+        queries = [Query(prompt=pool[i]["source_prompt"], response_a=pool[i]["chosen"], response_b=pool[i]["rejected"],
+                         reference=pool[i]["reference"], keywords=pool[i]["keywords"]) for i in rows]
+        judgments = distributed.broadcast(judge_with_budget(self.oracle, queries, self.ledger, self.config.oracle.get("max_queries"))
+                                          if distributed.is_main() else None)
+        kept, swapped, budget_spent = [], set(), False
+        for i, judgment in zip(rows, judgments):
+            if judgment.winner is None:
+                self.failures += 1
+                budget_spent |= judgment.error == "budget"
+                continue
+            if judgment.winner == "B":
+                swap_responses(pool[i])
+                swapped.add(i)
+            pool[i]["unlabelled"] = False
+            kept.append(i)
+        return kept, swapped, budget_spent
 
     def progress(self) -> Dict:
-        return {"labels": self.labels, "scored": self.scored}
+        return {"labels": self.labels, "scored": self.scored, **({"failed": self.failures} if self.oracle else {})}
 
     def summary(self) -> Dict:
         return {**self.progress(), **self.reliability.summary(),
                 **({"selection_uses_labels": True} if self.strategy.uses_labels else {})}
 
     def state_dict(self) -> Dict:
-        return {"consumed": self.consumed, "labels": self.labels, "scored": self.scored,
+        return {"consumed": self.consumed, "labels": self.labels, "scored": self.scored, "failures": self.failures,
                 "rng": list(self.rng.getstate()[1]), "rng_pos": self.rng.getstate()[2], **self.scorer.state_dict(),
                 **self.reliability.state_dict()}
 
     def load_state_dict(self, state: Dict) -> None:
         self.consumed, self.labels, self.scored = state["consumed"], state["labels"], state["scored"]
+        self.failures = state.get("failures", 0)   # checkpoints from before unlabelled pools
         self.rng.setstate((3, tuple(state["rng"]), state["rng_pos"]))
         self.scorer.load_state_dict(state)
         self.reliability.load_state_dict(state)
@@ -417,12 +465,15 @@ def build_source(config, data: Dict[str, Datasets], policy, reference, tokenizer
 
     sft_mode = config.loss.name == "sft"
     limit = {"n_examples": int(config.n_examples)} if config.n_examples is not None and not config.active else {"n_epochs": int(config.n_epochs)}
+    unlabelled = bool(config.active and unlabelled_files(data["train"]))
 
     def make_elements(skip):
         return itertools.islice(iterate_elements(data["train"], tokenizer, "train", shuffle=True, sft_mode=sft_mode,
                                                  prompt_subset=prompt_subset(config), pretrain_fraction=float(config.pretrain_fraction),
-                                                 **limit, **kwargs), skip, None)
+                                                 unlabelled=unlabelled, **limit, **kwargs), skip, None)
 
     if config.active:
-        return OfflineActiveSource(make_elements, strategy, scorer, config, tokenizer.pad_token_id)
+        ledger = Ledger(os.path.join(run_dir, LEDGER_FILENAME)) if unlabelled and distributed.is_main() else None
+        return OfflineActiveSource(make_elements, strategy, scorer, config, tokenizer.pad_token_id,
+                                   oracle=oracle if unlabelled else None, ledger=ledger)
     return PlainSource(make_elements, config, tokenizer.pad_token_id)

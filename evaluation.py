@@ -18,8 +18,10 @@ from tqdm import tqdm
 import distributed
 from data_selection import data_kwargs, prompt_tokens
 from generation import PromptTokens, sample_responses
-from llm_judge import OpenAIJudge
-from oracles import LEDGER_FILENAME, HaikuJudge, Judgment, Ledger, Oracle, Query, judge_with_budget
+from oracles.base import Judgment, Oracle, Query
+from oracles.ledger import LEDGER_FILENAME, Ledger, judge_with_budget
+from oracles.llm_judge import OpenAIJudge
+from oracles.rules import HaikuJudge
 from preference_datasets import Datasets, collate, iterate_elements, iterate_prompts
 from task_rules import haiku_metrics, jeopardy_metrics
 from trainers import concatenated_inputs

@@ -28,7 +28,7 @@ import random
 import re
 import string
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
 
 import torch
@@ -63,7 +63,8 @@ EXPECTED = {
     'jeopardy': 'a JSON list of J! Archive clues with fields category, question, value, answer, round, '
                 'show_number[, wrong_answer]',
     'haikus': 'CSV with columns keywords, text (statworx/haiku)',
-    'user': 'JSON lines {prompt, chosen, rejected} or {prompt, responses, pairs} (optional sft_target, reference)',
+    'user': 'JSON lines {prompt, chosen, rejected}, {prompt, responses, pairs}, or unlabelled {prompt, response_a, '
+            'response_b} (optional sft_target, reference)',
 }
 REQUIRED_FIELDS = {
     'hh': ('chosen', 'rejected'),
@@ -84,12 +85,15 @@ class PromptData:
     reference: the answer an oracle may compare against, belonging to THIS prompt (hh/shp: the SFT
         target, jeopardy: the correct answer, haikus: None).
     keywords: words the haiku must contain (haikus only).
+    unlabelled: (a, b) indices into `responses` of pairs without a preference (user files with
+        response_a/response_b): an oracle labels the ones an active run selects.
     """
     responses: List[str]
     pairs: List[Tuple[int, int]]
     sft_target: str
     reference: Optional[str] = None
     keywords: Optional[List[str]] = None
+    unlabelled: List[Tuple[int, int]] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -166,9 +170,10 @@ def _check_fields(where: str, kind: str, present: Set[str], is_csv: bool) -> Non
         if field not in present:
             location = 'line 1: the header lacks the column' if is_csv else 'no row has the field'
             raise DataError(f"{where}: {location} '{field}'; expected {EXPECTED[kind]}")
-    if kind == 'user' and not ({'chosen', 'rejected'} <= present or {'responses', 'pairs'} <= present):
-        raise DataError(f"{where}: no row has the fields 'chosen' and 'rejected' or 'responses' and 'pairs'; "
-                        f"expected {EXPECTED[kind]}")
+    if kind == 'user' and not ({'chosen', 'rejected'} <= present or {'responses', 'pairs'} <= present
+                               or {'response_a', 'response_b'} <= present):
+        raise DataError(f"{where}: no row has the fields 'chosen' and 'rejected', 'responses' and 'pairs', or "
+                        f"'response_a' and 'response_b'; expected {EXPECTED[kind]}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -450,8 +455,16 @@ def _load_haikus(rows: Iterable[Any], col: _Collector, seed: int) -> None:
     col.run(rows, handle)
 
 
-def _user_pairs(row: dict) -> Tuple[Optional[Tuple[List[str], List[Tuple[int, int]]]], Optional[str]]:
-    """((responses, pairs), None) from either user row form, or (None, skip reason)."""
+def _user_pairs(row: dict) -> Tuple[Optional[Tuple[List[str], List[Tuple[int, int]], bool]], Optional[str]]:
+    """((responses, pairs, unlabelled), None) from any user row form, or (None, skip reason); an
+    unlabelled row gives its one pair (a, b) in file order."""
+    if 'response_a' in row or 'response_b' in row:
+        values, reason = _strings(row, ('response_a', 'response_b'))
+        if reason:
+            return None, reason
+        if values[0] == values[1]:
+            return None, 'response_a == response_b'
+        return (values, [(0, 1)], True), None
     if 'chosen' in row or 'rejected' in row:
         values, reason = _strings(row, ('chosen', 'rejected'))
         if reason:
@@ -460,7 +473,7 @@ def _user_pairs(row: dict) -> Tuple[Optional[Tuple[List[str], List[Tuple[int, in
             return None, 'empty chosen'
         if values[0] == values[1]:
             return None, 'chosen == rejected'
-        return (values, [(0, 1)]), None
+        return (values, [(0, 1)], False), None
     responses, pairs = row.get('responses'), row.get('pairs')
     if responses is None or pairs is None:
         return None, 'missing chosen/rejected or responses/pairs'
@@ -475,7 +488,7 @@ def _user_pairs(row: dict) -> Tuple[Optional[Tuple[List[str], List[Tuple[int, in
                 or pair[0] == pair[1]):
             return None, 'invalid pairs'
         checked.append((pair[0], pair[1]))
-    return (responses, checked), None
+    return (responses, checked, False), None
 
 
 def _load_user(rows: Iterable[Any], col: _Collector, seed: int) -> None:
@@ -494,20 +507,21 @@ def _load_user(rows: Iterable[Any], col: _Collector, seed: int) -> None:
         parsed, reason = _user_pairs(row)
         if reason:
             return reason
-        responses, pairs = parsed
+        responses, pairs, unlabelled = parsed
         extras = {}
         for key in ('sft_target', 'reference'):
             if row.get(key) is not None:
                 if not isinstance(row[key], str) or not row[key].strip():
                     return f'invalid {key}'
                 extras[key] = row[key]
-        default_target = responses[pairs[0][0]] if pairs else responses[0]
+        default_target = responses[pairs[0][0]] if pairs and not unlabelled else responses[0]
         entry = col.entry(prompt, default_target)
         indices = [col.response(prompt, response)[0] for response in responses]
+        known = entry.unlabelled if unlabelled else entry.pairs
         for i, j in pairs:
             # Identical texts share an index, so a pair between two copies of one text carries nothing.
-            if indices[i] != indices[j] and (indices[i], indices[j]) not in entry.pairs:
-                entry.pairs.append((indices[i], indices[j]))
+            if indices[i] != indices[j] and (indices[i], indices[j]) not in known:
+                known.append((indices[i], indices[j]))
         for key, value in extras.items():
             explicit[prompt].setdefault(key, value)
         return None
@@ -515,7 +529,8 @@ def _load_user(rows: Iterable[Any], col: _Collector, seed: int) -> None:
     col.run(rows, handle)
     for prompt, entry in col.data.items():
         entry.sft_target = explicit[prompt].get('sft_target', entry.sft_target)
-        entry.reference = explicit[prompt].get('reference', entry.sft_target)
+        # an unlabelled pair's response_a is no reference answer
+        entry.reference = explicit[prompt].get('reference', entry.sft_target if entry.pairs else None)
 
 
 LOADERS = {'hh': _load_hh, 'shp': _load_shp, 'jeopardy': _load_jeopardy, 'haikus': _load_haikus,
@@ -909,7 +924,8 @@ def iterate_elements(datasets: Datasets, tokenizer, split: str, *, seed: int, sh
                      max_prompt_length: int, sft_mode: bool, n_epochs: Optional[int] = None,
                      n_examples: Optional[int] = None, prompt_subset: str = 'all', pretrain_fraction: float = 0.0,
                      silent: bool = False, skip_examples: int = 0,
-                     prompt_format: Optional[Callable[[str], str]] = None, split_seed: int = 0) -> Iterator[Dict]:
+                     prompt_format: Optional[Callable[[str], str]] = None, split_seed: int = 0,
+                     unlabelled: bool = False) -> Iterator[Dict]:
     """Tokenised elements (see tokenize_element) of the concatenated `datasets` (load_datasets of `split`).
 
     One element per (prompt, pair) in DPO mode, one per prompt (its sft_target) in SFT mode; each
@@ -926,6 +942,9 @@ def iterate_elements(datasets: Datasets, tokenizer, split: str, *, seed: int, sh
     check runs on the raw data, since templates may legitimately hold the EOS string. With no usable
     element (e.g. haikus, which have no pairs, in DPO mode) nothing is yielded and, unless silent, a
     line says so. Arguments are checked when this is called, not at the first next().
+    unlabelled=True iterates the pairs without a preference instead (PromptData.unlabelled): 'chosen'
+    and 'rejected' then hold response_a and response_b in file order, not a label, and the element
+    says so ('unlabelled': True, 'source_prompt': the prompt before prompt_format, for the oracle).
     """
     _check_lengths(max_length, max_prompt_length)
     if prompt_subset not in PROMPT_SUBSETS:
@@ -938,7 +957,7 @@ def iterate_elements(datasets: Datasets, tokenizer, split: str, *, seed: int, sh
     for name, data in datasets:
         for prompt in _select_prompts(data, prompt_subset, pretrain_fraction, split_seed):
             entry = data[prompt]
-            pairs = [None] if sft_mode else entry.pairs
+            pairs = [None] if sft_mode else entry.unlabelled if unlabelled else entry.pairs
             items.extend(_Item(name, prompt, entry, pair) for pair in pairs)
     label = f"{'+'.join(name for name, _ in datasets)}/{split}"
     items = _drop_eos(items, _Item.texts, tokenizer.eos_token, label, 'elements', silent)
@@ -959,6 +978,9 @@ def iterate_elements(datasets: Datasets, tokenizer, split: str, *, seed: int, sh
             element['dataset'] = item.dataset
             element['reference'] = item.data.reference
             element['keywords'] = None if item.data.keywords is None else list(item.data.keywords)
+            if unlabelled:
+                element['unlabelled'] = True
+                element['source_prompt'] = item.prompt
             yield element
 
     return generate()
@@ -1001,6 +1023,11 @@ def iterate_prompts(datasets: Datasets, split: str, *, seed: int, shuffle: bool,
     if not items and not silent:
         print(f'{label}: no usable prompts; nothing to iterate')
     return _ordered(items, seed, shuffle, n_epochs, n_examples)
+
+
+def unlabelled_files(datasets: Datasets) -> List[str]:
+    """The datasets that hold pairs without a preference (user files with response_a/response_b)."""
+    return [name for name, data in datasets if any(entry.unlabelled for entry in data.values())]
 
 
 def training_texts(datasets: Datasets) -> List[str]:

@@ -210,13 +210,33 @@ def check_archive_data(config: DictConfig, data) -> None:
             "(and loss=sft there with the same pretrain_fraction), or set allow_archive_overlap=true")
 
 
-def build_judges(config: DictConfig):
+def check_unlabelled_data(config: DictConfig, data) -> bool:
+    """Whether the run buys the labels of an unlabelled pool (user files with response_a/response_b,
+    used with active=true); one line for the runs that cannot use such a file."""
+    from preference_datasets import unlabelled_files
+    files = unlabelled_files(data["train"])
+    if not files or config.online:
+        return False
+    what = f"datasets: {files[0]} holds pairs without a preference (response_a, response_b)"
+    if config.loss.name == "sft":
+        raise ConfigError(f"{what}, and loss=sft needs preferred responses to train on")
+    if not config.active:
+        raise ConfigError(f"{what}: buy the labels of the pairs a strategy selects with active=true and an oracle "
+                          "(e.g. oracle=reward_model oracle.model=...)")
+    from strategies import STRATEGIES
+    if STRATEGIES[config.selection_strategy].uses_labels:
+        raise ConfigError(f"{what}: selection_strategy={config.selection_strategy} reads labels, and this pool has none")
+    return True
+
+
+def build_judges(config: DictConfig, needs_oracle: bool):
     """(training oracle, eval judge), built before any model loads so that a missing API key or a bad
-    oracle setting fails in one line first. The eval judge is `eval_oracle` (a name or a mapping of
-    oracle keys), else the training oracle for online runs, else none."""
-    from oracles import build_oracle
+    oracle setting fails in one line first. The training oracle labels online pairs and unlabelled
+    pools (needs_oracle). The eval judge is `eval_oracle` (a name or a mapping of oracle keys), else
+    the training oracle, else none."""
+    from oracles.build import build_oracle
     name, seed = config.datasets[0], int(config.seed)
-    oracle = build_oracle(config.oracle, name, seed) if config.online else None
+    oracle = build_oracle(config.oracle, name, seed) if needs_oracle else None
     if config.eval_oracle is None or config.loss.name == "sft":
         return oracle, (oracle if config.loss.name != "sft" else None)
     spec = {"name": config.eval_oracle} if isinstance(config.eval_oracle, str) else config.eval_oracle
@@ -233,8 +253,9 @@ def main_with(config: DictConfig) -> Dict:
     from scoring import response_logps
     from trainers import BasicTrainer
 
-    oracle, judge = build_judges(config)
     data = load_run_data(config)
+    unlabelled = check_unlabelled_data(config, data)
+    oracle, judge = build_judges(config, needs_oracle=bool(config.online or unlabelled))
     check_archive_data(config, data)
     device = distributed.setup(config)
     utils.set_seed(int(config.seed))

@@ -48,7 +48,7 @@ def build(config, device):
     """(source, trainer) of the demo run, wired as train.main_with wires them (one process)."""
     from data_selection import build_source, load_run_data
     from models import build_models
-    from oracles import build_oracle
+    from oracles.build import build_oracle
     from trainers import BasicTrainer
     data = load_run_data(config)
     tokenizer, policy, reference = build_models(config, device, data["train"])

@@ -13,8 +13,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from llm_judge import OpenAIJudge  # noqa: E402
-from oracles import Query  # noqa: E402
+from oracles.base import Query  # noqa: E402
+from oracles.llm_judge import OpenAIJudge  # noqa: E402
 from tests.chat_server import Behaviour, ChatServer  # noqa: E402
 
 KEY_ENV = "BENCH_ORACLE_KEY"

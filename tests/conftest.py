@@ -109,3 +109,24 @@ def add_reference_adapter(policy) -> None:
             if "lora_B" in name and ".reference." in name:
                 p.add_(0.5 * torch.randn_like(p))
     policy.set_adapter("default")
+
+
+def make_reward_model(tokenizer, hidden=16, layers=0, seed=0):
+    """A tiny Llama sequence classifier with one output. With layers=0 the score at a position is the
+    head applied to the normalised embedding of that position's token, so its preference is set by hand."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=2, max_position_embeddings=256, num_labels=1,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    return LlamaForSequenceClassification(config).eval()
+
+
+@pytest.fixture
+def reward_model_dir(tmp_path, tokenizer):
+    """A saved tiny reward model (1 layer) and its tokenizer: what oracle.model points at."""
+    path = tmp_path / "reward_model"
+    make_reward_model(tokenizer, layers=1).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)

@@ -9,10 +9,11 @@ import time
 
 import pytest
 
-import oracles
-from llm_judge import OpenAIJudge
-from oracles import (LEDGER_FILENAME, ORACLE_NAMES, HaikuJudge, JeopardyJudge, Judgment, Ledger, Query, build_oracle,
-                     judge_with_budget, ledger_key)
+from oracles.base import Judgment, Oracle, Query
+from oracles.build import ORACLE_NAMES, build_oracle
+from oracles.ledger import LEDGER_FILENAME, Ledger, judge_with_budget, ledger_key
+from oracles.llm_judge import OpenAIJudge
+from oracles.rules import HaikuJudge, JeopardyJudge
 from task_rules import compare_haikus
 from tests.chat_server import Behaviour, ChatServer, prefer_longer, shown_responses
 from utils import ConfigError
@@ -211,7 +212,7 @@ def test_missing_api_key_is_a_one_line_config_error(monkeypatch):
 
 
 def test_build_oracle_names_and_errors(monkeypatch, api_key):
-    with pytest.raises(ConfigError, match=r"oracle\.name.*openai, haiku, jeopardy, auto; got 'gpt'"):
+    with pytest.raises(ConfigError, match=r"oracle\.name.*openai, haiku, jeopardy, reward_model, auto; got 'gpt'"):
         build_oracle({"name": "gpt"}, "hh", 0)
     with pytest.raises(ConfigError, match=r"oracle\.name"):
         build_oracle({"name": "dataset"}, "hh", 0)  # removed: offline methods read their labels from the data
@@ -227,7 +228,7 @@ def test_build_oracle_names_and_errors(monkeypatch, api_key):
     assert "sk-test" not in repr(haiku.tie_breaker)
 
 
-def test_config_files_build(api_key):
+def test_config_files_build(api_key, reward_model_dir):
     from omegaconf import OmegaConf
     config_dir = os.path.join(os.path.dirname(__file__), "..", "config", "oracle")
     assert sorted(os.listdir(config_dir)) == sorted(f"{name}.yaml" for name in ORACLE_NAMES)
@@ -236,7 +237,9 @@ def test_config_files_build(api_key):
         assert cfg.name == name and cfg.max_queries is None
         if "api_key_env" in cfg:
             cfg.api_key_env = KEY_ENV
-        assert isinstance(build_oracle(cfg, "haikus", 0), oracles.Oracle)
+        if name == "reward_model":
+            cfg.model = reward_model_dir
+        assert isinstance(build_oracle(cfg, "haikus", 0), Oracle)
 
 
 # ------------------------------------------------------------------ haiku rule

@@ -659,7 +659,7 @@ def test_online_failed_judgments_are_dropped_and_counted_never_labels(tmp_path, 
     """An oracle that fails every other query: labels bought = successful verdicts, failures counted,
     and no failed pair reaches a DPO batch."""
     import data_selection
-    from oracles import Judgment, Oracle
+    from oracles.base import Judgment, Oracle
     real_judge_with_budget = data_selection.judge_with_budget
     asked = []
 

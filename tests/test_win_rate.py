@@ -4,9 +4,11 @@ import math
 
 import pytest
 
-from llm_judge import OpenAIJudge
 from evaluation import EVAL_LEDGER_FILENAME, aggregate_win_rate, evaluate_win_rate, win_rate_queries
-from oracles import LEDGER_FILENAME, HaikuJudge, JeopardyJudge, Judgment, Ledger, Query, judge_with_budget
+from oracles.base import Judgment, Query
+from oracles.ledger import LEDGER_FILENAME, Ledger, judge_with_budget
+from oracles.llm_judge import OpenAIJudge
+from oracles.rules import HaikuJudge, JeopardyJudge
 from tests.chat_server import Behaviour, ChatServer
 
 KEY_ENV = "WIN_RATE_TEST_KEY"

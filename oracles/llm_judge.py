@@ -13,7 +13,7 @@ import os
 import random
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
-from oracles import Judgment, OnResult, Oracle, Query
+from oracles.base import Judgment, OnResult, Oracle, Query
 from task_rules import keyword_list
 from utils import ConfigError, check_number
 
