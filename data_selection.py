@@ -6,6 +6,7 @@ Scores come from scoring.score_sequences (one call for every selector: the polic
 from the configured estimator, one reference pass), and the reference log-probs computed there are
 handed to the DPO step so it never recomputes them. What to keep is decided in strategies.py.
 """
+import copy
 import itertools
 import os
 import random
@@ -19,6 +20,7 @@ import distributed
 from generation import CandidatesJournal, Generator, PromptTokens, journal_path
 from oracles.base import Query
 from oracles.ledger import LEDGER_FILENAME, Ledger, judge_with_budget
+from utils import RunPaused
 from preference_datasets import (Datasets, collate, iterate_elements, iterate_prompts, load_datasets, pair_element,
                                  truncation_mode_for, unlabelled_files)
 from scoring import ESTIMATORS, head_features, policy_logps, score_sequences
@@ -124,6 +126,37 @@ class CandidateScorer:
 
 
 
+def judged_on_main(oracle, queries: List[Query], ledger: Optional[Ledger], max_queries) -> List:
+    """Rank 0 alone pays for labels and writes the ledger; every rank gets its verdicts, and every rank
+    raises RunPaused when the oracle paused the run (a labelling round waits for people)."""
+    result = None
+    if distributed.is_main():
+        try:
+            result = judge_with_budget(oracle, queries, ledger, max_queries)
+        except RunPaused as paused:
+            result = paused
+    result = distributed.broadcast(result)
+    if isinstance(result, RunPaused):
+        raise result
+    return result
+
+
+class StepStart:
+    """The state a source had when its current step began, for a checkpoint taken while the step waits
+    on an oracle that paused the run (taken only for such oracles: it copies the estimator state)."""
+
+    def __init__(self, source, oracle):
+        self.source, self.enabled, self.state = source, bool(oracle is not None and oracle.pauses_run), None
+
+    def begin(self) -> None:
+        if self.enabled:
+            self.state = None     # the source's state_dict answers with this snapshot while one is held
+            self.state = copy.deepcopy(self.source.state_dict())
+
+    def end(self) -> None:
+        self.state = None
+
+
 # ----------------------------------------------------------------------------------------------
 # Batch sources: iterators of (collated batch, info) with a resumable position
 
@@ -171,6 +204,7 @@ class OfflineActiveSource:
         self.make_elements, self.strategy, self.scorer = make_elements, strategy, scorer
         self.config, self.pad_token_id = config, pad_token_id
         self.oracle, self.ledger = oracle, ledger
+        self.step_start = StepStart(self, oracle)
         self.consumed = self.labels = self.scored = self.failures = 0
         self.warned_short_pool = False
         self.rng = random.Random(int(config.seed) + 2)
@@ -184,6 +218,7 @@ class OfflineActiveSource:
         budget = cfg.n_examples
         while budget is None or self.labels < budget:
             want = batch_size if budget is None else min(batch_size, budget - self.labels)
+            self.step_start.begin()
             pool = list(itertools.islice(elements, pool_size))
             if not pool:
                 return
@@ -226,6 +261,7 @@ class OfflineActiveSource:
                          "counters/candidates_scored": self.scored, "counters/labels_used": self.labels})
             if self.oracle is not None:
                 info.update({"counters/labels_bought": self.labels, "counters/oracle_failures": self.failures})
+            self.step_start.end()
             if selected:
                 yield collate(selected, self.pad_token_id), info
             if budget_spent:
@@ -238,8 +274,7 @@ class OfflineActiveSource:
         (swapped), and whether the budget ran out."""
         queries = [Query(prompt=pool[i]["source_prompt"], response_a=pool[i]["chosen"], response_b=pool[i]["rejected"],
                          reference=pool[i]["reference"], keywords=pool[i]["keywords"]) for i in rows]
-        judgments = distributed.broadcast(judge_with_budget(self.oracle, queries, self.ledger, self.config.oracle.get("max_queries"))
-                                          if distributed.is_main() else None)
+        judgments = judged_on_main(self.oracle, queries, self.ledger, self.config.oracle.get("max_queries"))
         kept, swapped, budget_spent = [], set(), False
         for i, judgment in zip(rows, judgments):
             if judgment.winner is None:
@@ -261,6 +296,8 @@ class OfflineActiveSource:
                 **({"selection_uses_labels": True} if self.strategy.uses_labels else {})}
 
     def state_dict(self) -> Dict:
+        if self.step_start.state is not None:
+            return self.step_start.state
         return {"consumed": self.consumed, "labels": self.labels, "scored": self.scored, "failures": self.failures,
                 "rng": list(self.rng.getstate()[1]), "rng_pos": self.rng.getstate()[2], **self.scorer.state_dict(),
                 **self.reliability.state_dict()}
@@ -287,6 +324,7 @@ class OnlineSource:
         self.prompts, self.strategy, self.scorer, self.generator = prompts, strategy, scorer, generator
         self.tokens, self.config, self.device = tokens, config, device
         self.oracle, self.ledger, self.journal = oracle, ledger, journal
+        self.step_start = StepStart(self, oracle)
         self.consumed = self.labels = self.failures = self.scored = self.steps = 0
         self.rng = random.Random(int(config.seed) + 2)
         self.reliability = ReliabilityLog()
@@ -300,6 +338,7 @@ class OnlineSource:
         tokenizer = self.tokens.tokenizer
         while budget is None or self.labels < budget:
             want = batch_size if budget is None else min(batch_size, budget - self.labels)
+            self.step_start.begin()
             pool = list(itertools.islice(prompts, want * int(cfg.selection_ratio)))
             if not pool:
                 return
@@ -333,9 +372,7 @@ class OnlineSource:
             picked = [(i, i_pol, m + i_ref) for i, (i_pol, i_ref) in zip(selection.rows, selection.responses)]
             queries = [Query(prompt=pool[i][1], response_a=candidates[i][a][0], response_b=candidates[i][b][0],
                              reference=pool[i][2].reference, keywords=pool[i][2].keywords) for i, a, b in picked]
-            # rank 0 alone pays for labels and writes the ledger; every rank trains on its verdicts
-            judgments = distributed.broadcast(judge_with_budget(self.oracle, queries, self.ledger, cfg.oracle.get("max_queries"))
-                                              if distributed.is_main() else None)
+            judgments = judged_on_main(self.oracle, queries, self.ledger, cfg.oracle.get("max_queries"))
             times["time/oracle_s"] = time.time() - t0
 
             elements, labelled, bought, first_won, budget_spent = [], [], [], [], False
@@ -362,6 +399,7 @@ class OnlineSource:
             info.update({"labels": len(elements), "pairs": labelled, "counters/labels_bought": self.labels,
                          "counters/oracle_failures": self.failures, "counters/prompts_seen": self.consumed,
                          "counters/candidates_scored": self.scored, "counters/steps_replayed": int(replay is not None)})
+            self.step_start.end()
             if elements:
                 yield collate(elements, tokenizer.pad_token_id), info
             if budget_spent:
@@ -375,6 +413,8 @@ class OnlineSource:
         return {**self.progress(), **self.reliability.summary()}
 
     def state_dict(self) -> Dict:
+        if self.step_start.state is not None:
+            return self.step_start.state
         return {"consumed": self.consumed, "labels": self.labels, "failures": self.failures, "scored": self.scored,
                 "steps": self.steps, "rng": list(self.rng.getstate()[1]), "rng_pos": self.rng.getstate()[2], **self.scorer.state_dict(),
                 **self.reliability.state_dict()}

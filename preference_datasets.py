@@ -28,7 +28,8 @@ import random
 import re
 import string
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
 
 import torch
@@ -93,7 +94,7 @@ class PromptData:
     sft_target: str
     reference: Optional[str] = None
     keywords: Optional[List[str]] = None
-    unlabelled: List[Tuple[int, int]] = field(default_factory=list)
+    unlabelled: List[Tuple[int, int]] = dataclasses.field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------------------------

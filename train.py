@@ -238,7 +238,8 @@ def build_judges(config: DictConfig, needs_oracle: bool):
     name, seed = config.datasets[0], int(config.seed)
     oracle = build_oracle(config.oracle, name, seed) if needs_oracle else None
     if config.eval_oracle is None or config.loss.name == "sft":
-        return oracle, (oracle if config.loss.name != "sft" else None)
+        # people label training pairs; they are not asked for the win rate of every eval
+        return oracle, (oracle if config.loss.name != "sft" and not (oracle and oracle.pauses_run) else None)
     spec = {"name": config.eval_oracle} if isinstance(config.eval_oracle, str) else config.eval_oracle
     return oracle, build_oracle(spec, name, seed)
 
@@ -262,6 +263,8 @@ def main_with(config: DictConfig) -> Dict:
     run_dir = make_run_dir(config)
     if not config.resume and distributed.is_main():
         utils.atomic_write_text(os.path.join(run_dir, "config.yaml"), OmegaConf.to_yaml(config, resolve=True))
+    for judging in {oracle, judge} - {None}:
+        judging.open(run_dir)
     with distributed.main_first():  # rank 0 converts the model / trains the tokenizer into the cache first
         tokenizer, policy, reference = build_models(config, device, data["train"])
     latest = os.path.realpath(os.path.join(run_dir, "LATEST")) if config.resume else None
@@ -300,13 +303,17 @@ def print_summary(summary: Dict) -> None:
 
 @hydra.main(version_base=None, config_path="config", config_name="config")
 def main(config: DictConfig) -> None:
+    code = 0
     try:
         if config.resume:
             config = resume_config(config.resume)
         main_with(config)
+    except utils.RunPaused as e:
+        print(f"paused: {e}", flush=True)
+        code = utils.PAUSED_EXIT_CODE
     except UserError as e:
         print(f"error: {where()}{e}", file=sys.stderr)
-        sys.exit(2)
+        code = 2
     except Exception as e:
         if not distributed.launched():
             raise
@@ -315,6 +322,15 @@ def main(config: DictConfig) -> None:
         os._exit(1)
     finally:
         distributed.teardown()
+    if distributed.launched():
+        # Under torchrun, leave without the interpreter's finalisation: gloo's worker threads, still
+        # held by the wrapped model after destroy_process_group, aborted ranks there in about 1 run in
+        # 10 ("terminate called without an active exception").
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    if code:
+        sys.exit(code)
 
 
 def where() -> str:

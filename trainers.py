@@ -21,7 +21,7 @@ import distributed
 from checkpoints import read_training_state, write_checkpoint
 from scoring import Reference, response_logps
 from utils import ConfigError
-from utils import append_jsonl, atomic_write_text, pad_to_length, read_jsonl, rng_state, set_rng_state
+from utils import RunPaused, append_jsonl, atomic_write_text, pad_to_length, read_jsonl, rng_state, set_rng_state
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,26 +230,33 @@ class BasicTrainer:
         unit = "label" if self.loss_name != "sft" or self.config.online else "ex"
         progress = tqdm(total=total_steps, initial=self.step, dynamic_ncols=True, unit="step",
                         desc=f"{self.loss_name} ({self.config.exp_name})", disable=not distributed.is_main())
-        for batch, info in self.batch_source:
-            t0 = time.time()
-            metrics = self.train_step(batch)
-            metrics["time/step_s"] = time.time() - t0
-            labels = int(info.get("labels", batch["chosen_input_ids"].shape[0]))
-            self.step += 1
-            self.example_counter += labels
-            metrics.update({k: v for k, v in info.items() if k not in ("labels", "pairs")})
-            self.log({"split": "train", **metrics})
-            if info.get("pairs"):
-                self.logger.table("labelled_pairs", ["prompt", "chosen", "rejected"], info["pairs"], step=self.example_counter)
-            progress.update(1)
-            count = f"{self.example_counter}" + (f"/{budget}" if budget is not None else "")
-            progress.set_postfix({f"{unit}s": count, "loss": f"{metrics['loss/train']:.3f}",
-                                  **{k: v for k, v in self.batch_source.progress().items() if k != "labels"}})
-            if self.example_counter >= self.next_eval:
-                self.next_eval = self.example_counter + int(self.config.eval_every)
-                self.evaluate_and_log()
-                last_eval_at = self.example_counter
-                self.save()
+        try:
+            for batch, info in self.batch_source:
+                t0 = time.time()
+                metrics = self.train_step(batch)
+                metrics["time/step_s"] = time.time() - t0
+                labels = int(info.get("labels", batch["chosen_input_ids"].shape[0]))
+                self.step += 1
+                self.example_counter += labels
+                metrics.update({k: v for k, v in info.items() if k not in ("labels", "pairs")})
+                self.log({"split": "train", **metrics})
+                if info.get("pairs"):
+                    self.logger.table("labelled_pairs", ["prompt", "chosen", "rejected"], info["pairs"], step=self.example_counter)
+                progress.update(1)
+                count = f"{self.example_counter}" + (f"/{budget}" if budget is not None else "")
+                progress.set_postfix({f"{unit}s": count, "loss": f"{metrics['loss/train']:.3f}",
+                                      **{k: v for k, v in self.batch_source.progress().items() if k != "labels"}})
+                if self.example_counter >= self.next_eval:
+                    self.next_eval = self.example_counter + int(self.config.eval_every)
+                    self.evaluate_and_log()
+                    last_eval_at = self.example_counter
+                    self.save()
+        except RunPaused:
+            # the source reports the state of the step that waits (its pool not yet consumed), so the
+            # resumed run repeats that step with the answers
+            progress.close()
+            self.save()
+            raise
         progress.close()
         if last_eval_at != self.example_counter:
             tqdm.write("final eval")

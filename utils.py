@@ -23,6 +23,14 @@ class DataError(UserError):
     """A data file is missing, unreadable or lacks the expected fields. The message names the file."""
 
 
+class RunPaused(Exception):
+    """The run stops on purpose, checkpointed, to be resumed later (a labelling round waits for people).
+    `train.py` prints its message (what to do) in one line and exits with PAUSED_EXIT_CODE."""
+
+
+PAUSED_EXIT_CODE = 3
+
+
 def check_number(key: str, value: Any, minimum: float, integer: bool = False, allow_none: bool = False) -> None:
     """Raise ConfigError naming config key `key` unless `value` is a number (an int with `integer`;
     bools are not numbers here) >= `minimum`, or None where `allow_none`."""

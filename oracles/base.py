@@ -37,8 +37,15 @@ OnResult = Callable[[int, Judgment], None]
 class Oracle:
     """Base class. `judge_many` returns one Judgment per query, in order, and calls
     `on_result(index, judgment)` as soon as each verdict exists, so callers can persist it at once.
-    An oracle keeps no count of what it was asked: the Ledger in `judge_with_budget` does."""
+    An oracle keeps no count of what it was asked: the Ledger in `judge_with_budget` does.
+
+    An oracle whose verdicts come from people (`pauses_run`) may raise utils.RunPaused from judge_many
+    instead: the run checkpoints the step that waits and stops until the answers are there."""
     name: str = "oracle"
+    pauses_run: bool = False
+
+    def open(self, run_dir: str) -> None:
+        """Called once the run directory exists (the human oracle keeps its rounds there)."""
 
     def judge_one(self, query: Query) -> Judgment:
         raise NotImplementedError(f"{type(self).__name__} must implement judge_one or judge_many")

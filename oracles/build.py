@@ -4,13 +4,14 @@ from typing import Any, Dict, Mapping
 from omegaconf import DictConfig, OmegaConf
 
 from oracles.base import Oracle
+from oracles.human import HumanOracle
 from oracles.llm_judge import build_openai_judge
 from oracles.reward_model import build_reward_model_oracle
 from oracles.rules import HaikuJudge, JeopardyJudge
 from utils import ConfigError, check_number
 
 
-ORACLE_NAMES = ("openai", "haiku", "jeopardy", "reward_model", "auto")
+ORACLE_NAMES = ("openai", "haiku", "jeopardy", "reward_model", "human", "auto")
 
 
 def _plain(cfg: Any, key: str) -> Dict[str, Any]:
@@ -36,6 +37,8 @@ def build_oracle(cfg: Any, dataset_name: str, seed: int) -> Oracle:
         return build_openai_judge(settings, "oracle", dataset_name, seed)
     if name == "reward_model":
         return build_reward_model_oracle(settings, seed)
+    if name == "human":
+        return HumanOracle()
     if name == "haiku":
         tb_cfg = settings.get("tie_breaker")
         tie_breaker = None

@@ -212,7 +212,7 @@ def test_missing_api_key_is_a_one_line_config_error(monkeypatch):
 
 
 def test_build_oracle_names_and_errors(monkeypatch, api_key):
-    with pytest.raises(ConfigError, match=r"oracle\.name.*openai, haiku, jeopardy, reward_model, auto; got 'gpt'"):
+    with pytest.raises(ConfigError, match=r"oracle\.name.*openai, haiku, jeopardy, reward_model, human, auto; got 'gpt'"):
         build_oracle({"name": "gpt"}, "hh", 0)
     with pytest.raises(ConfigError, match=r"oracle\.name"):
         build_oracle({"name": "dataset"}, "hh", 0)  # removed: offline methods read their labels from the data

@@ -66,7 +66,6 @@ BASE = ["loss=dpo", f"datasets=[{POOL}]", "active=true", "selection_strategy=ae"
 
 
 def test_only_the_selected_pairs_are_bought_and_oriented_by_the_verdict(tmp_path, monkeypatch, oracle):
-    from test_train import record_batches
     from trainers import BasicTrainer
     chosen = []
     original = BasicTrainer.train_step
