@@ -23,7 +23,7 @@ from oracles.ledger import LEDGER_FILENAME, Ledger, judge_with_budget
 from utils import RunPaused
 from preference_datasets import (Datasets, collate, iterate_elements, iterate_prompts, load_datasets, pair_element,
                                  truncation_mode_for, unlabelled_files)
-from scoring import ESTIMATORS, head_features, policy_logps, score_sequences
+from scoring import ESTIMATORS, RowSeeds, head_features, policy_logps, score_sequences
 from strategies import (STRATEGIES, ReliabilityLog, Strategy, scores_policy, selection_stats, selection_view,
                         split_half_spearman)
 
@@ -43,6 +43,11 @@ def pair_sequences(elements: List[Dict]) -> Tuple[List[Dict], List[bool]]:
             seqs.append({"input_ids": e[f"{side}_input_ids"], "attention_mask": e[f"{side}_attention_mask"],
                          "labels": e[f"{side}_labels"]})
     return seqs, flipped
+
+
+def candidate_seed(base: int, index: int) -> int:
+    """The dropout seed of the candidate at `index` of a pool scored under the call seed `base`."""
+    return random.Random(f"{base}|{index}").getrandbits(62)
 
 
 def swap_responses(element: Dict) -> None:
@@ -72,8 +77,10 @@ class CandidateScorer:
                           else policy_logps if strategy.needs_policy else None)
         # an estimator that fits its prior to the labels bought reads the policy's implicit reward of each pair
         self.needs_reference = strategy.needs_reference or bool(getattr(self.estimator, "prior", None) == "evidence")
+        # the same on every rank: each call draws one seed from it, and each candidate its masks from
+        # that seed and its index in the pool, so the chosen pairs do not depend on the world size
         self.generator = torch.Generator(device=device)
-        self.generator.manual_seed(seed + 7919 * distributed.rank())  # each rank its own masks
+        self.generator.manual_seed(seed)
         self.warned_zero_spread = False
         # one process only: grouping by prompt gives each rank its own number of forward calls (under
         # FSDP each is a collective), and 2-rank gloo runs aborted at exit in 2 of 8 tries with it
@@ -84,10 +91,13 @@ class CandidateScorer:
         """Scores of `sequences` viewed as (len // columns, columns) per key. Under torchrun each rank
         scores its share of the sequences and every rank gets all the scores."""
         share, real = distributed.sharded(sequences)
+        base = int(torch.randint(0, 2 ** 62, (1,), generator=self.generator, device=self.generator.device))
+        first = distributed.rank() * len(share)          # the pool index of this rank's first sequence
+        seeds = RowSeeds([candidate_seed(base, first + i) for i in range(len(share))])
         scores = score_sequences(self.policy, self.reference if self.needs_reference else None, share,
                                  estimator=self.estimator, pad_token_id=self.pad_token_id,
                                  batch_size=int(self.config.selection_batch_size), device=self.device,
-                                 generator=self.generator, share_prompts=self.share_prompts)
+                                 generator=seeds, share_prompts=self.share_prompts)
         scores = distributed.gathered_tensors({k: v[..., :real] for k, v in scores.items()})
         scores = {k: v.view(*v.shape[:-1], -1, columns) for k, v in scores.items()}
         if "sigma" in scores and not self.warned_zero_spread and float(scores["sigma"].abs().max()) == 0.0:

@@ -259,13 +259,37 @@ def mean_and_variance(samples: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor
     return samples.mean(0), samples.var(0, unbiased=True)
 
 
-def _dropout(hidden: torch.Tensor, p: float, generator: Optional[torch.Generator], k: Optional[int] = None) -> torch.Tensor:
-    """Inverted dropout with masks drawn from `generator`: (N, H) -> (N, H), or (K, N, H) when k is given."""
+@dataclass
+class RowSeeds:
+    """One seed per sequence, in place of a generator: each sequence's dropout masks come from its own
+    seed, so a candidate's masks do not depend on the batch, the rank or the number of ranks that score
+    it (selection is the same at every world size)."""
+    seeds: List[int]
+
+    def take(self, members: List[int]) -> "RowSeeds":
+        return RowSeeds([self.seeds[i] for i in members])
+
+
+def _dropout(hidden: torch.Tensor, p: float, generator, k: Optional[int] = None,
+             rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Inverted dropout: (N, H) -> (N, H), or (K, N, H) when k is given. Masks drawn from `generator` (a
+    torch.Generator, None for the global RNG), or with RowSeeds the positions of row r (rows (N,): the
+    row of each position, positions of a row in token order) from a generator seeded by its seed."""
     shape = hidden.shape if k is None else (k,) + hidden.shape
     if p <= 0:
         return hidden if k is None else hidden.unsqueeze(0).expand(*shape)
     keep = 1.0 - p
-    masks = torch.empty(shape, device=hidden.device, dtype=hidden.dtype).bernoulli_(keep, generator=generator)
+    masks = torch.empty(shape, device=hidden.device, dtype=hidden.dtype)
+    if isinstance(generator, RowSeeds):
+        for r, seed in enumerate(generator.seeds):
+            where = (rows == r).nonzero().squeeze(-1)
+            if where.numel():
+                own = torch.Generator(device=hidden.device)
+                own.manual_seed(seed)
+                part = torch.empty(shape[:-2] + (where.numel(), shape[-1]), device=hidden.device, dtype=hidden.dtype)
+                masks[..., where, :] = part.bernoulli_(keep, generator=own)
+    else:
+        masks.bernoulli_(keep, generator=generator)
     return hidden * masks / keep
 
 
@@ -290,8 +314,9 @@ def mc_dropout_samples(model, input_ids: torch.Tensor, attention_mask: torch.Ten
     masking every position.
     method='full': K full forward passes in train mode (every dropout in the network active, LoRA
     dropout included) plus the head dropout p; restores the model's previous mode afterwards.
-    Every mask comes from `generator` (the network's own dropout modules draw from a torch RNG
-    seeded from it, inside a fork that leaves the global RNG untouched). `prompts` (SharedPrompts): 'head'
+    Every mask comes from `generator`: a torch.Generator, or RowSeeds (one seed per sequence, so that
+    'head' gives each sequence the same draws however it is batched; the network's own dropout modules
+    draw from a torch RNG seeded from it, inside a fork that leaves the global RNG untouched). `prompts` (SharedPrompts): 'head'
     only, since under 'full' every sequence draws its own masks on its prompt too.
     """
     if method not in ("head", "full"):
@@ -305,10 +330,15 @@ def mc_dropout_samples(model, input_ids: torch.Tensor, attention_mask: torch.Ten
             hidden, targets, rows, head, transform = _response_hidden(model, input_ids, attention_mask, labels, prompts)
         finally:
             model.train(was_training)
-        return _sum_per_row(token_logps(_dropout(hidden, p, generator, k), head, targets, chunk_size, transform),
+        return _sum_per_row(token_logps(_dropout(hidden, p, generator, k, rows), head, targets, chunk_size, transform),
                             rows, labels.shape[0])
 
-    seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=generator.device if generator else "cpu"))
+    # the network's own dropout masks a whole batch at once: seeded per call, so 'full' (unlike 'head')
+    # depends on how the sequences are batched and sharded
+    if isinstance(generator, RowSeeds):
+        seed = generator.seeds[0]
+    else:
+        seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=generator.device if generator else "cpu"))
     devices = [input_ids.device] if input_ids.device.type == "cuda" else []
     model.train()
     try:
@@ -317,7 +347,7 @@ def mc_dropout_samples(model, input_ids: torch.Tensor, attention_mask: torch.Ten
             samples = []
             for _ in range(k):
                 hidden, targets, rows, head, transform = _response_hidden(model, input_ids, attention_mask, labels)
-                logps = token_logps(_dropout(hidden, p, generator), head, targets, chunk_size, transform)
+                logps = token_logps(_dropout(hidden, p, generator, rows=rows), head, targets, chunk_size, transform)
                 samples.append(_sum_per_row(logps, rows, labels.shape[0]))
     finally:
         model.train(was_training)
@@ -740,6 +770,7 @@ def score_sequences(policy, reference: Optional[Reference], sequences: List[Dict
     MC dropout 'full'), the sequences of one prompt go together and the trunk reads each prompt once
     per model (SharedPrompts): online, 2m candidates per prompt; offline, chosen and rejected. Else the
     sequences are sorted by length, so each minibatch is padded to a length close to its own.
+    generator: the estimator's randomness, a torch.Generator or RowSeeds with one seed per sequence.
     Returns the estimator's keys (mu (S,), sigma (S,), optionally mu_halves / sigma_halves (2, S),
     features psi (H, S)), ref (S,) and n_tokens (S,) response tokens: CPU fp32 (nats), in the order of
     `sequences`; the sequence is always the last dimension.
@@ -760,7 +791,8 @@ def score_sequences(policy, reference: Optional[Reference], sequences: List[Dict
             batch = collate(chosen, pad_token_id)
         ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
         kwargs = {"prompts": prompts} if prompts is not None else {}
-        scores = dict(estimator(policy, ids, mask, labels, generator=generator, **kwargs)) if estimator is not None else {}
+        draws = generator.take(members) if isinstance(generator, RowSeeds) else generator
+        scores = dict(estimator(policy, ids, mask, labels, generator=draws, **kwargs)) if estimator is not None else {}
         if reference is not None:
             scores["ref"] = reference.logps(ids, mask, labels, **kwargs)
         scores["n_tokens"] = (labels[:, 1:] != -100).sum(-1).float()

@@ -300,3 +300,36 @@ def test_shared_prompts_score_as_whole_sequences(tokenizer, method):
     assert set(shared) == set(plain)
     for key in plain:
         assert torch.allclose(shared[key], plain[key], atol=1e-4, rtol=1e-4), key
+
+
+def test_head_masks_follow_the_candidate_not_its_batch_or_rank(tokenizer):
+    """With one seed per candidate (RowSeeds) a candidate's MC-dropout draws are the same whether the pool
+    is scored in one batch, in batches of 2 with shared prompts, or split between two ranks as
+    distributed.sharded splits it; a single generator for the pool gives other draws when batched otherwise."""
+    from omegaconf import OmegaConf
+    from conftest import make_tiny_model
+    from data_selection import candidate_seed
+    from scoring import ESTIMATORS, RowSeeds, score_sequences
+    model = make_tiny_model(tokenizer, seed=0)
+    g = torch.Generator().manual_seed(1)
+    sequences = []
+    for prompt_len in (3, 7, 5):
+        prompt = torch.randint(3, len(tokenizer), (prompt_len,), generator=g).tolist()
+        for response_len in (2, 6, 4):
+            response = torch.randint(3, len(tokenizer), (response_len,), generator=g).tolist()
+            sequences.append({"input_ids": prompt + response, "attention_mask": [1] * (prompt_len + response_len),
+                              "labels": [-100] * prompt_len + response})
+    estimator = ESTIMATORS["head"](OmegaConf.create({"mc_samples": 4, "llm_dropout": 0.2}))
+    seeds = RowSeeds([candidate_seed(7, i) for i in range(len(sequences))])
+    score = lambda seqs, generator, batch_size, share: score_sequences(
+        model, None, seqs, estimator=estimator, pad_token_id=tokenizer.pad_token_id, batch_size=batch_size,
+        device="cpu", generator=generator, share_prompts=share)
+    whole = score(sequences, seeds, 9, False)
+    assert float(whole["sigma"].min()) > 0
+    for other in (score(sequences, seeds, 2, True),
+                  {k: torch.cat([score(sequences[:5], seeds.take(range(5)), 9, False)[k],
+                                 score(sequences[5:], seeds.take(range(5, 9)), 9, False)[k]], dim=-1) for k in whole}):
+        for key in ("mu", "sigma"):
+            assert torch.allclose(other[key], whole[key], atol=1e-5), key
+    one_generator = lambda batch_size: score(sequences, torch.Generator().manual_seed(0), batch_size, False)["mu"]
+    assert not torch.allclose(one_generator(9), one_generator(2), atol=1e-3)

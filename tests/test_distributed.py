@@ -66,12 +66,15 @@ ONLINE = ["datasets=[haikus]", f"dataset_files.haikus={ROOT}/data/haiku_keywords
           "n_eval_model_samples=3", "generation.prompts_per_call=1"]
 
 
-@pytest.mark.parametrize("strategy,lora", [("ddp", False), ("fsdp", True)])
-def test_offline_ae_on_two_ranks_selects_and_trains_like_one_process(tmp_path, strategy, lora):
+@pytest.mark.parametrize("strategy,lora,estimator", [("ddp", False, "laplace"), ("fsdp", True, "laplace"),
+                                                     ("ddp", False, "head"), ("ddp", True, "head_analytic")])
+def test_offline_ae_on_two_ranks_selects_and_trains_like_one_process(tmp_path, strategy, lora, estimator):
     """Batch 5 over 2 ranks in 3 microbatches (uneven rows, a weight-0 filler): the selected pairs are the
-    one-process run's, the weights agree to fp32 rounding (summation order), the eval metrics too."""
+    one-process run's for every estimator (MC-dropout masks are seeded per candidate, not per rank), the
+    weights agree to fp32 rounding (summation order), the eval metrics too."""
     pairs = write_synthetic_pairs(tmp_path / "pairs.jsonl")
-    overrides = tiny_overrides(tmp_path, f"datasets=[{pairs}]", *OFFLINE, *(["lora=true"] if lora else []))
+    overrides = tiny_overrides(tmp_path, f"datasets=[{pairs}]", *OFFLINE, f"uncertainty_method={estimator}",
+                               *(["lora=true"] if lora else []), *(["llm_dropout=0.2"] if estimator == "head" else []))
     one = finished(tmp_path / "one", launch(tmp_path / "one", 1, overrides))
     two = finished(tmp_path / "two", launch(tmp_path / "two", 2, [*overrides, f"distributed.strategy={strategy}"]))
     assert batches(tmp_path / "two") == batches(tmp_path / "one") and len(batches(tmp_path / "one")) == 3
