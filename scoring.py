@@ -16,6 +16,7 @@ forward's, and refuses models whose forward does something else.
 """
 import contextlib
 import math
+import random
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -269,6 +270,10 @@ class RowSeeds:
     def take(self, members: List[int]) -> "RowSeeds":
         return RowSeeds([self.seeds[i] for i in members])
 
+    def draw(self, index: int) -> "RowSeeds":
+        """The seeds of the index-th of several separate draws ('full' masks each pass on its own)."""
+        return RowSeeds([random.Random(f"{seed}|{index}").getrandbits(62) for seed in self.seeds])
+
 
 def _dropout(hidden: torch.Tensor, p: float, generator, k: Optional[int] = None,
              rows: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -345,9 +350,10 @@ def mc_dropout_samples(model, input_ids: torch.Tensor, attention_mask: torch.Ten
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
             samples = []
-            for _ in range(k):
+            for draw in range(k):
                 hidden, targets, rows, head, transform = _response_hidden(model, input_ids, attention_mask, labels)
-                logps = token_logps(_dropout(hidden, p, generator, rows=rows), head, targets, chunk_size, transform)
+                masks = generator.draw(draw) if isinstance(generator, RowSeeds) else generator
+                logps = token_logps(_dropout(hidden, p, masks, rows=rows), head, targets, chunk_size, transform)
                 samples.append(_sum_per_row(logps, rows, labels.shape[0]))
     finally:
         model.train(was_training)
