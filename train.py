@@ -282,9 +282,7 @@ def main_with(config: DictConfig) -> Dict:
     summary = trainer.train()
     logger.finish()
     print_summary(summary)
-    # every rank leaves together: a rank that tore down its process group while the other still held
-    # gloo connections aborted at exit ("terminate called without an active exception")
-    distributed.barrier()
+    distributed.barrier()   # every rank leaves together (then without interpreter finalisation: see main)
     return summary
 
 
