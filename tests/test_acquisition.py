@@ -269,6 +269,20 @@ def test_ablations_do_not_read_the_pair_order():
         assert torch.allclose(a.acquisition, b.acquisition) and a.rows == b.rows
 
 
+def three_prompts_three_responses(tokenizer, seed):
+    """Sequences (input_ids, attention_mask, labels) of 3 random prompts of 3, 7 and 5 tokens, each with
+    responses of 2, 6 and 4 tokens, in that order."""
+    g = torch.Generator().manual_seed(seed)
+    sequences = []
+    for prompt_len in (3, 7, 5):
+        prompt = torch.randint(3, len(tokenizer), (prompt_len,), generator=g).tolist()
+        for response_len in (2, 6, 4):
+            response = torch.randint(3, len(tokenizer), (response_len,), generator=g).tolist()
+            sequences.append({"input_ids": prompt + response, "attention_mask": [1] * (prompt_len + response_len),
+                              "labels": [-100] * prompt_len + response})
+    return sequences
+
+
 @pytest.mark.parametrize("method", ["head", "head_analytic", "laplace", None])
 def test_shared_prompts_score_as_whole_sequences(tokenizer, method):
     """Three prompts of different lengths, three responses each: reading each prompt once and the
@@ -277,14 +291,7 @@ def test_shared_prompts_score_as_whole_sequences(tokenizer, method):
     from conftest import make_tiny_model
     from scoring import ESTIMATORS, Reference, policy_logps, prompt_groups, score_sequences
     model, ref_model = make_tiny_model(tokenizer, seed=0), make_tiny_model(tokenizer, seed=1)
-    g = torch.Generator().manual_seed(0)
-    sequences = []
-    for prompt_len in (3, 7, 5):
-        prompt = torch.randint(3, len(tokenizer), (prompt_len,), generator=g).tolist()
-        for response_len in (2, 6, 4):
-            response = torch.randint(3, len(tokenizer), (response_len,), generator=g).tolist()
-            sequences.append({"input_ids": prompt + response, "attention_mask": [1] * (prompt_len + response_len),
-                              "labels": [-100] * prompt_len + response})
+    sequences = three_prompts_three_responses(tokenizer, seed=0)
     cfg = OmegaConf.create({"mc_samples": 4, "llm_dropout": 0.0, "laplace_prior_std": 1.0, "laplace_prior": "fixed",
                             "loss": {"beta": 0.1}})
     estimator = ESTIMATORS[method](cfg) if method else policy_logps
@@ -311,14 +318,7 @@ def test_head_masks_follow_the_candidate_not_its_batch_or_rank(tokenizer):
     from data_selection import candidate_seed
     from scoring import ESTIMATORS, RowSeeds, score_sequences
     model = make_tiny_model(tokenizer, seed=0)
-    g = torch.Generator().manual_seed(1)
-    sequences = []
-    for prompt_len in (3, 7, 5):
-        prompt = torch.randint(3, len(tokenizer), (prompt_len,), generator=g).tolist()
-        for response_len in (2, 6, 4):
-            response = torch.randint(3, len(tokenizer), (response_len,), generator=g).tolist()
-            sequences.append({"input_ids": prompt + response, "attention_mask": [1] * (prompt_len + response_len),
-                              "labels": [-100] * prompt_len + response})
+    sequences = three_prompts_three_responses(tokenizer, seed=1)
     estimator = ESTIMATORS["head"](OmegaConf.create({"mc_samples": 4, "llm_dropout": 0.2}))
     seeds = RowSeeds([candidate_seed(7, i) for i in range(len(sequences))])
     score = lambda seqs, generator, batch_size, share: score_sequences(
