@@ -145,6 +145,7 @@ def judged_on_main(oracle, queries: List[Query], ledger: Optional[Ledger], max_q
             result = judge_with_budget(oracle, queries, ledger, max_queries)
         except RunPaused as paused:
             result = paused
+    distributed.after_main("oracle")
     result = distributed.broadcast(result)
     if isinstance(result, RunPaused):
         raise result

@@ -26,6 +26,14 @@ import torch.distributed as dist
 from utils import ConfigError
 
 STRATEGIES = ("ddp", "fsdp")
+# Waits on rank 0 alone, each with its own limit (distributed.<phase>_timeout_s): the other ranks wait
+# on the rendezvous store, not in a collective, so a rank past the limit raises PhaseTimeout naming the
+# phase on NCCL too (where a collective past its timeout is ended by NCCL's watchdog).
+PHASES = ("startup", "checkpoint", "oracle")
+
+
+class PhaseTimeout(RuntimeError):
+    """A rank waited on rank 0 longer than the phase allows."""
 
 
 def launched() -> bool:
@@ -58,7 +66,7 @@ def in_lockstep() -> bool:
     return _STATE["strategy"] == "fsdp"
 
 
-_STATE: Dict[str, Any] = {"strategy": None}
+_STATE: Dict[str, Any] = {"strategy": None, "store": None, "limits": {}, "waits": {}}
 
 
 def setup(config) -> torch.device:
@@ -77,6 +85,11 @@ def setup(config) -> torch.device:
                                 timeout=datetime.timedelta(seconds=float(config.distributed.timeout_s)),
                                 **({"device_id": device} if cuda else {}))
     _STATE["strategy"] = strategy(config)
+    _STATE["limits"] = {phase: float(config.distributed[f"{phase}_timeout_s"]) for phase in PHASES}
+    _STATE["waits"] = dict.fromkeys(PHASES, 0)
+    _STATE["store"] = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                    timeout=datetime.timedelta(seconds=max(_STATE["limits"].values())),
+                                    wait_for_workers=False)
     if not is_main():
         sys.stdout = open(os.devnull, "w")
     return device
@@ -85,7 +98,7 @@ def setup(config) -> torch.device:
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
-    _STATE["strategy"] = None
+    _STATE.update(strategy=None, store=None)
 
 
 def check_config(config) -> None:
@@ -93,8 +106,9 @@ def check_config(config) -> None:
     name = config.distributed.strategy
     if name is not None and name not in STRATEGIES:
         raise ConfigError(f"distributed.strategy={name} is unknown; allowed: {', '.join(STRATEGIES)} (or null: ddp under torchrun)")
-    if not float(config.distributed.timeout_s) > 0:
-        raise ConfigError(f"distributed.timeout_s={config.distributed.timeout_s} must be > 0 (seconds)")
+    for key in ("timeout_s",) + tuple(f"{phase}_timeout_s" for phase in PHASES):
+        if not float(config.distributed[key]) > 0:
+            raise ConfigError(f"distributed.{key}={config.distributed[key]} must be > 0 (seconds)")
     if launched() and name == "fsdp" and config.qlora:
         raise ConfigError("qlora=true cannot be sharded with distributed.strategy=fsdp (4-bit weights are not "
                           "FSDP parameters); use distributed.strategy=ddp for QLoRA, or lora=true with fsdp")
@@ -126,15 +140,36 @@ def barrier() -> None:
         dist.barrier()
 
 
+def after_main(phase: str) -> None:
+    """Rank 0 says it is done with `phase`; the other ranks wait for that, at most the phase's limit,
+    and raise PhaseTimeout past it. Every rank calls it once per occurrence of the phase."""
+    if world_size() == 1:
+        return
+    _STATE["waits"][phase] += 1
+    key = f"active-dpo/{phase}/{_STATE['waits'][phase]}"
+    if is_main():
+        _STATE["store"].set(key, "done")
+        return
+    limit = _STATE["limits"][phase]
+    try:
+        _STATE["store"].wait([key], datetime.timedelta(seconds=limit))
+    except (RuntimeError, dist.DistError) as e:
+        if "timeout" not in str(e).lower():
+            raise
+        raise PhaseTimeout(f"waited {limit:g} s for rank 0 in the {phase} phase (distributed.{phase}_timeout_s={limit:g}; "
+                           f"raise it, also on resume=, if rank 0 is slow rather than gone)") from None
+
+
 @contextlib.contextmanager
 def main_first():
     """Rank 0 runs the block first (e.g. converting a model or training a tokenizer into the cache),
-    the others after it, reading what it wrote."""
-    if not is_main():
-        barrier()
-    yield
+    the others after it (within distributed.startup_timeout_s), reading what it wrote."""
     if is_main():
-        barrier()
+        yield
+        after_main("startup")
+    else:
+        after_main("startup")
+        yield
 
 
 def shard_bounds(n: int, index: Optional[int] = None, parts: Optional[int] = None) -> Tuple[int, int]:

@@ -196,7 +196,9 @@ class EvalAnswers:
             else:
                 with self.reference.active() as model:
                     self.reference_texts.extend(self.answers(model, "reference"))
-        return distributed.broadcast(self.judged(trainer, texts) if distributed.is_main() else None)
+        judged = self.judged(trainer, texts) if distributed.is_main() else None
+        distributed.after_main("oracle")
+        return distributed.broadcast(judged)
 
     def judged(self, trainer, texts: List[str]) -> Dict[str, float]:
         metrics = task_metrics(self.records, texts)

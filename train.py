@@ -7,10 +7,11 @@ judges, the models (models.py), the batch source (data_selection.py) and the eva
 import os
 import sys
 import time
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 import hydra
 import torch
+import yaml
 from omegaconf import DictConfig, OmegaConf
 
 import distributed
@@ -126,8 +127,14 @@ def check_model_preset(argv: List[str]) -> None:
 # ----------------------------------------------------------------------------------------------
 # The run: pre-flight checks, run directory, wiring
 
-def resume_config(run_dir: str) -> DictConfig:
-    """`resume=RUN_DIR` continues with the run's own saved config (other overrides are not applied)."""
+# What a resumed run may change: how long its ranks wait (a slow judge or filesystem), nothing it computes
+RESUME_OVERRIDES = ("distributed.timeout_s", "distributed.startup_timeout_s", "distributed.checkpoint_timeout_s",
+                    "distributed.oracle_timeout_s")
+
+
+def resume_config(run_dir: str, overrides: Sequence[str] = ()) -> DictConfig:
+    """`resume=RUN_DIR` continues with the run's own saved config; of the command line's other
+    overrides only RESUME_OVERRIDES apply, and any other is refused in one line."""
     path = os.path.join(run_dir, "config.yaml")
     if not os.path.exists(path):
         raise ConfigError(f"resume={run_dir}: no config.yaml there (expected a run directory made by train.py)")
@@ -139,8 +146,18 @@ def resume_config(run_dir: str) -> DictConfig:
     if "distributed" not in config:  # runs from before torchrun support: one process, one generate() per pool
         config.distributed = {"strategy": None, "timeout_s": 1800}
         config.generation.prompts_per_call = 1_000_000
+    for phase, seconds in (("startup", 3600), ("checkpoint", 1800), ("oracle", 7200)):   # runs from before phase limits
+        config.distributed.setdefault(f"{phase}_timeout_s", seconds)
     if "backend" not in config.generation:  # runs from before the vLLM backend
         config.generation.backend = "hf"
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key == "resume":
+            continue
+        if key not in RESUME_OVERRIDES:
+            raise ConfigError(f"resume={run_dir} continues with the run's saved config; {key} cannot be changed "
+                              f"(allowed on resume: {', '.join(RESUME_OVERRIDES)})")
+        OmegaConf.update(config, key, yaml.safe_load(value))
     return config
 
 
@@ -304,7 +321,8 @@ def main(config: DictConfig) -> None:
     code = 0
     try:
         if config.resume:
-            config = resume_config(config.resume)
+            from hydra.core.hydra_config import HydraConfig
+            config = resume_config(config.resume, HydraConfig.get().overrides.task)
         main_with(config)
     except utils.RunPaused as e:
         print(f"paused: {e}", flush=True)

@@ -294,6 +294,7 @@ class BasicTrainer:
             if len(by_rank) > 1:
                 state["trainer_by_rank"] = by_rank
             path = write_checkpoint(self.run_dir, self.step, self.policy, self.tokenizer, state, self.config, weights)
+        distributed.after_main("checkpoint")
         return distributed.broadcast(path)
 
     def load_training_state(self, checkpoint_dir: str) -> None:

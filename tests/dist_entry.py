@@ -2,6 +2,7 @@
 
 RECORD_BATCHES=path  rank 0 appends the prompts of every training batch (one JSON list per step): the selection
 FAIL_RANK=r FAIL_STEP=s FAIL_MODE=raise|hang  rank r raises (or hangs) when it reaches step s
+ORACLE_DELAY_S=t     rank 0 takes t seconds longer over each batch of oracle queries
 
 Run as `python -m torch.distributed.run --nproc_per_node=2 tests/dist_entry.py OVERRIDES` or, for the
 one-process run it is compared with, `python tests/dist_entry.py OVERRIDES`.
@@ -31,6 +32,16 @@ def train_step(self, batch):
 
 
 trainers.BasicTrainer.train_step = train_step
+
+if os.environ.get("ORACLE_DELAY_S"):
+    import data_selection
+    _judge = data_selection.judge_with_budget
+
+    def slow_judge(*args, **kwargs):
+        time.sleep(float(os.environ["ORACLE_DELAY_S"]))
+        return _judge(*args, **kwargs)
+
+    data_selection.judge_with_budget = slow_judge
 
 if __name__ == "__main__":
     import runpy

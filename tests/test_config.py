@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, compose_config
+from conftest import ROOT, compose_config, tiny_overrides
 from train import check_config, check_model_preset
 from utils import ConfigError
 
@@ -128,3 +128,21 @@ def test_laplace_prior_null_resolves_by_mode_and_is_recorded(overrides, rule):
     assert config.laplace_prior == rule
     from scoring import laplace_estimator
     assert laplace_estimator(config).prior == rule
+
+
+def test_resume_takes_only_the_wait_limits_from_the_command_line(tmp_path):
+    """A resumed run keeps its saved config; the limits of its waits may be raised (a slow judge), and any
+    other override is refused in one line rather than silently ignored."""
+    from omegaconf import OmegaConf
+    from train import resume_config
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    saved = compose_config(tiny_overrides(tmp_path, "loss=dpo", "exp_name=x"))
+    OmegaConf.save(saved, run_dir / "config.yaml")
+    config = resume_config(str(run_dir), [f"resume={run_dir}", "distributed.oracle_timeout_s=14400",
+                                          "distributed.checkpoint_timeout_s=60.5"])
+    assert config.distributed.oracle_timeout_s == 14400 and config.distributed.checkpoint_timeout_s == 60.5
+    assert config.lr == saved.lr and config.resume == str(run_dir)
+    with pytest.raises(ConfigError, match=r"lr cannot be changed \(allowed on resume: distributed.timeout_s, ") as err:
+        resume_config(str(run_dir), [f"resume={run_dir}", "lr=1"])
+    assert "\n" not in str(err.value)

@@ -141,6 +141,15 @@ def test_a_failing_rank_ends_the_whole_job_in_one_line(tmp_path, mode):
         assert "error: rank 0 of 2: RuntimeError:" in proc.stderr and "Timed out" in proc.stderr
 
 
+def test_a_slow_oracle_past_its_limit_ends_the_job_in_one_line_naming_the_phase(tmp_path):
+    """Rank 0 takes 8 s over the oracle; with distributed.oracle_timeout_s=2 rank 1 stops waiting after 2 s
+    and says which phase and which key sets its limit; the collective timeout (timeout_s, 1800 s) plays no part."""
+    proc = launch(tmp_path, 2, [*tiny_overrides(tmp_path, *ONLINE), "distributed.oracle_timeout_s=2"], ORACLE_DELAY_S="8")
+    assert proc.returncode != 0
+    assert ("error: rank 1 of 2: PhaseTimeout: waited 2 s for rank 0 in the oracle phase "
+            "(distributed.oracle_timeout_s=2;") in proc.stderr
+
+
 def test_qlora_under_ddp_trains_like_one_process(tmp_path):
     """4-bit base + LoRA on 2 ranks: same selection; eval metrics within 1e-3 (the CPU 4-bit kernels
     round differently at another batch shape)."""

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import FIXTURES, ROOT, compose_config, tiny_overrides
+from conftest import FIXTURES, ROOT, tiny_overrides
 from oracles.base import Query
 from oracles.human import HumanOracle, pair_id
 from utils import PAUSED_EXIT_CODE, RunPaused, UserError, read_jsonl
