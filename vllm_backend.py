@@ -88,7 +88,11 @@ class VLLMClient:
         choices = sorted(self._call("/v1/completions", body)["choices"], key=lambda c: c["index"])
         if len(choices) != n:
             raise UserError(f"vLLM server {self.url}: asked for n={n} completions, got {len(choices)}")
-        return [Completion(list(c["token_ids"]), [float(x) for x in c["logprobs"]["token_logprobs"]]) for c in choices]
+        try:
+            return [Completion(list(c["token_ids"]), [float(x) for x in c["logprobs"]["token_logprobs"]]) for c in choices]
+        except (KeyError, TypeError):
+            raise UserError(f"vLLM server {self.url}: a completion lacks token_ids or logprobs.token_logprobs (a vLLM "
+                            "that honours return_token_ids is needed; make vllm-venv installs one)") from None
 
 
 def error_message(body: str) -> str:

@@ -68,10 +68,11 @@ def read_label_studio_answers(path: str, known: Dict[str, int]) -> Dict[str, str
         where = f"{path} task {number}"
         if not isinstance(task, dict) or not isinstance(task.get("data"), dict) or "pair_id" not in task["data"]:
             raise UserError(f"{where}: no data.pair_id (import round-NNNN.labelstudio.json to label the round)")
-        done = [a for a in task.get("annotations") or [] if not a.get("was_cancelled")]
+        done = [a for a in task.get("annotations") or [] if isinstance(a, dict) and not a.get("was_cancelled")]
         if not done:
             continue   # reported as missing below
-        choices = [r.get("value", {}).get("choices") for r in done[0].get("result", []) if r.get("type") == "choices"]
+        choices = [(r.get("value") or {}).get("choices") for r in done[0].get("result") or []
+                   if isinstance(r, dict) and r.get("type") == "choices"]
         if len(choices) != 1 or not isinstance(choices[0], list) or len(choices[0]) != 1 or choices[0][0] not in VERDICTS:
             raise UserError(f"{where}: expected one choice of A, B or tie in its annotation, got {choices}")
         answers[str(task["data"]["pair_id"])] = choices[0][0]

@@ -154,6 +154,12 @@ def test_no_server_and_server_errors_are_one_line(lora_policy, tmp_path):
         vllm = VLLMGenerator(policy, reference, tokenizer, generation_config(url), "cpu", seed=0, run_dir=str(tmp_path))
         with pytest.raises(UserError, match="HTTP 404: The model `nope` does not exist"):
             vllm.client.complete("nope", ids[0], 1, request_sampling(generation_config(), 2), seed=0)
+        old_complete = server.complete
+        server.complete = lambda body: (200, {"choices": [{"index": 0, "text": "x", "logprobs": None}]})
+        with pytest.raises(UserError, match="a completion lacks token_ids or logprobs.token_logprobs") as err:
+            vllm.client.complete(vllm.base, ids[0], 1, request_sampling(generation_config(), 2), seed=0)
+        assert "\n" not in str(err.value)
+        server.complete = old_complete
         vllm.sync(0)
         with pytest.raises(UserError, match="HTTP 400: The lora adapter .* has already been loaded"):
             vllm.client.load_adapter(vllm.policy_name, os.path.join(tmp_path, ADAPTER_DIR, vllm.policy_name))
