@@ -18,6 +18,7 @@ import datetime
 import math
 import os
 import sys
+import types
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -101,11 +102,28 @@ def teardown() -> None:
     _STATE.update(strategy=None, store=None)
 
 
+def leave(code: int) -> None:
+    """End a torchrun rank with exit status `code` after teardown, without the interpreter's
+    finalisation: gloo's worker threads, still held by a wrapped model after destroy_process_group,
+    aborted ranks there in about 1 run in 10 ("terminate called without an active exception").
+    Returns (does nothing) outside torchrun."""
+    if not launched():
+        return
+    teardown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def check_config(config) -> None:
     """One-line errors for distributed settings that cannot run."""
     name = config.distributed.strategy
     if name is not None and name not in STRATEGIES:
         raise ConfigError(f"distributed.strategy={name} is unknown; allowed: {', '.join(STRATEGIES)} (or null: ddp under torchrun)")
+    dtype = config.distributed.fsdp_compute_dtype
+    if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"distributed.fsdp_compute_dtype={dtype} is unknown; allowed: float32, bfloat16, float16 "
+                          "(or null: bfloat16 on CUDA, the weights' dtype on CPU)")
     for key in ("timeout_s",) + tuple(f"{phase}_timeout_s" for phase in PHASES):
         if not float(config.distributed[key]) > 0:
             raise ConfigError(f"distributed.{key}={config.distributed[key]} must be > 0 (seconds)")
@@ -228,34 +246,72 @@ def transformer_blocks(model, block_name: Optional[str]) -> List[torch.nn.Module
     return blocks
 
 
-def shard_blocks(model, config, device) -> None:
-    """FSDP2: shard each transformer block's weights across the ranks (in place). Embeddings, the final
-    norm and the head stay replicated, so the chunked head and the estimators call them directly;
-    their gradients are averaged by `average_replicated_grads`. Under LoRA only the frozen base is
-    sharded and the adapters (small) stay replicated too: FSDP2 loses the gradients of a block that
-    mixes frozen and trainable weights once a forward pass has run without grad (the eval before
-    the first step). bf16 compute with fp32 gradient reduction on CUDA."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else MixedPrecisionPolicy()
-    adapters = hasattr(model, "peft_config")
-    for block in transformer_blocks(model, config.model.block_name):
-        ignored = {p for p in block.parameters() if p.requires_grad} if adapters else None
+def builds_on_meta() -> bool:
+    """Under FSDP every rank but 0 builds the model on the meta device (no memory, no file reads):
+    rank 0 alone loads the weights, and `shard_model` sends each rank its shards."""
+    return in_lockstep() and not is_main()
+
+
+def compute_dtype(config, device) -> Optional[torch.dtype]:
+    """The dtype FSDP gathers the weights in and computes with: distributed.fsdp_compute_dtype, else
+    bfloat16 on CUDA and the weights' own dtype (None) on CPU."""
+    name = config.distributed.fsdp_compute_dtype
+    if name:
+        return getattr(torch, name)
+    return torch.bfloat16 if device.type == "cuda" else None
+
+
+def shard_model(model, config, device) -> None:
+    """FSDP2 on `model` (in place), as torch documents it: `fully_shard` on each transformer block, then
+    on the root (embeddings, final norm, head), under one MixedPrecisionPolicy for the whole model
+    (compute in `compute_dtype`, gradients reduced in fp32). Each rank allocates only its shards on
+    its device; rank 0, which loaded the weights, fills them (set_model_state_dict from rank 0) and
+    sends its buffers (rotary tables are not in the state dict) and its random state.
+
+    Under LoRA the trainable adapters stay replicated (their gradients are averaged by
+    `average_replicated_grads`): FSDP2 loses the gradients of a block that mixes frozen and trainable
+    weights once a forward pass has run without grad (the eval before the first step).
+
+    Scoring calls the trunk and the head directly rather than the model's forward; the root gathers
+    its weights for them in `run_unsharded(fn, *args)`, registered as an FSDP forward method."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    root = model.get_base_model() if hasattr(model, "get_base_model") else model
+    full = root.state_dict() if is_main() else {}
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype(config, device), reduce_dtype=torch.float32)
+    ignored = {p for p in model.parameters() if p.requires_grad} if hasattr(model, "peft_config") else None
+    for block in transformer_blocks(root, config.model.block_name):
         fully_shard(block, mp_policy=policy, ignored_params=ignored)
+    fully_shard(root, mp_policy=policy, ignored_params=ignored)
+    if is_main():
+        model.to(device)
+    else:
+        model.to_empty(device=device)
+    set_model_state_dict(root, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    del full
+    for _, buffer in root.named_buffers():
+        dist.broadcast(buffer, src=0)
+    # initialising the weights drew random numbers on rank 0 only (meta tensors draw none)
+    torch.set_rng_state(broadcast(torch.get_rng_state()))
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(broadcast(torch.cuda.get_rng_state().cpu()).to(torch.uint8))
+    root.run_unsharded = types.MethodType(_run_unsharded, root)
+    register_fsdp_forward_method(root, "run_unsharded")
 
 
-def prepare(policy, reference_model, config, device, logps: Callable) -> Callable:
-    """Wrap the policy for this run's strategy (shard the reference copy too under FSDP) and return the
-    training forward: (input_ids, attention_mask, labels) -> (B,) summed log-probs."""
-    name = _STATE["strategy"]
-    if name == "ddp":
+def _run_unsharded(root, fn: Callable, *args, **kwargs):
+    return fn(*args, **kwargs)
+
+
+def prepare(policy, config, device, logps: Callable) -> Callable:
+    """The training forward for this run's strategy: (input_ids, attention_mask, labels) -> (B,) summed
+    log-probs; under DDP the policy wrapped so that backward all-reduces its gradients (FSDP's
+    sharding is done when the models are built, `shard_model`)."""
+    if _STATE["strategy"] == "ddp":
         from torch.nn.parallel import DistributedDataParallel
         # every rank built the same weights from the same seed; buffers (rotary tables) never change
         return DistributedDataParallel(SequenceLogps(policy, logps), device_ids=[device.index] if device.type == "cuda" else None,
                                        broadcast_buffers=False)
-    if name == "fsdp":
-        for model in (policy, reference_model):
-            if model is not None:
-                shard_blocks(model, config, device)
     return lambda input_ids, attention_mask, labels: logps(policy, input_ids, attention_mask, labels)
 
 

@@ -16,7 +16,8 @@ from typing import List, Optional, Tuple
 import torch
 from omegaconf import DictConfig
 
-from checkpoints import load_archive
+import distributed
+from checkpoints import load_archive, load_trained_weights
 from scoring import Reference, calibrate_logit_transform
 from utils import ConfigError, cache_directory
 
@@ -138,10 +139,30 @@ def load_tokenizer(config: DictConfig, train_data=None):
     return tokenizer
 
 
-def load_model(config: DictConfig, tokenizer, dtype_name: str, quantize_4bit: bool = False):
+# The config-built tiny model's families: the preset architectures (their norms, heads and dtypes) at a
+# size that runs in seconds. Keys the family's config names differently from Llama's.
+TINY_FAMILIES = {"llama": {}, "gpt2": {"intermediate_size": "n_inner"}, "gpt_neox": {}}
+
+
+def tiny_model_config(model_cfg, tokenizer):
+    from transformers import AutoConfig
+    arch = model_cfg.architecture
+    family = arch.get("model_type", "llama")
+    if family not in TINY_FAMILIES:
+        raise ConfigError(f"model.architecture.model_type={family} is unknown; allowed: {', '.join(TINY_FAMILIES)}")
+    sizes = {"hidden_size": arch.hidden_size, "intermediate_size": arch.intermediate_size,
+             "num_hidden_layers": arch.num_hidden_layers, "num_attention_heads": arch.num_attention_heads,
+             "max_position_embeddings": arch.max_position_embeddings}
+    sizes = {TINY_FAMILIES[family].get(k, k): v for k, v in sizes.items()}
+    return AutoConfig.for_model(family, vocab_size=len(tokenizer), tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+                                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **sizes)
+
+
+def load_model(config: DictConfig, tokenizer, dtype_name: str, quantize_4bit: bool = False, meta: bool = False):
     """The one loading path for policy and reference: build or download the preset, then load
-    `model.archive` strictly (weights_only) if given."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    `model.archive` strictly (weights_only) if given. meta=True builds the same modules on the meta
+    device and reads no weights (FSDP ranks other than 0: distributed.shard_model fills them)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
     model_cfg = config.model
     dtype = getattr(torch, dtype_name)
     kwargs = {"dtype": dtype}
@@ -153,20 +174,20 @@ def load_model(config: DictConfig, tokenizer, dtype_name: str, quantize_4bit: bo
         kwargs["dtype"] = compute
         # 4-bit weights are quantised where they are loaded and cannot be moved afterwards
         kwargs["device_map"] = {"": torch.cuda.current_device() if torch.cuda.is_available() else "cpu"}
-    if model_cfg.name == "tiny":
-        arch = model_cfg.architecture
+    source = None if model_cfg.name == "tiny" else (
+        smollm2_directory(model_cfg, config.cache_dir) if model_cfg.get("gguf") else model_cfg.name_or_path)
+    if meta:
+        architecture = tiny_model_config(model_cfg, tokenizer) if source is None else AutoConfig.from_pretrained(
+            source, token=os.environ.get("HF_TOKEN"), trust_remote_code=bool(model_cfg.trust_remote_code))
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(architecture, dtype=dtype, trust_remote_code=bool(model_cfg.trust_remote_code)).eval()
+    if source is None:
         kwargs.pop("device_map", None)
         torch.manual_seed(int(config.seed))  # same seed, same weights: policy and reference start identical
-        llama = LlamaConfig(vocab_size=len(tokenizer), hidden_size=arch.hidden_size, intermediate_size=arch.intermediate_size,
-                            num_hidden_layers=arch.num_hidden_layers, num_attention_heads=arch.num_attention_heads,
-                            max_position_embeddings=arch.max_position_embeddings, tie_word_embeddings=True,
-                            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                            eos_token_id=tokenizer.eos_token_id)
-        model = LlamaForCausalLM(llama).to(dtype)
+        model = AutoModelForCausalLM.from_config(tiny_model_config(model_cfg, tokenizer)).to(dtype)
         if quantize_4bit:
             model = quantize_tiny(model, kwargs["quantization_config"])
     else:
-        source = smollm2_directory(model_cfg, config.cache_dir) if model_cfg.get("gguf") else model_cfg.name_or_path
         try:
             model = AutoModelForCausalLM.from_pretrained(source, token=os.environ.get("HF_TOKEN"),
                                                          trust_remote_code=bool(model_cfg.trust_remote_code), **kwargs)
@@ -267,28 +288,44 @@ def enable_activation_checkpointing(model, block_name: Optional[str]) -> None:
         block.forward = forward
 
 
-def build_models(config: DictConfig, device, train_data=None) -> Tuple[object, torch.nn.Module, Optional[Reference]]:
+def build_models(config: DictConfig, device, train_data=None, trained_weights: Optional[str] = None
+                 ) -> Tuple[object, torch.nn.Module, Optional[Reference]]:
     """(tokenizer, policy, reference) for a run; the reference is None for SFT. A separate reference
     model is loaded only without LoRA, and only where something reads it (a reference-free offline run
-    has none). train_data: the parsed train split (the tiny model's tokenizer is trained on it)."""
-    tokenizer = load_tokenizer(config, train_data)
-    policy = load_model(config, tokenizer, config.model.policy_dtype, quantize_4bit=bool(config.qlora))
+    has none). train_data: the parsed train split (the tiny model's tokenizer is trained on it);
+    trained_weights: a checkpoint directory whose trained weights the policy resumes from.
+
+    Under torchrun rank 0 reads the files first (converting or downloading into the cache), the
+    other ranks after it; under FSDP they build on the meta device and get their shards from rank 0,
+    and a full fine-tune keeps fp32 weights (FSDP computes in distributed.fsdp_compute_dtype)."""
     lora = bool(config.lora or config.qlora)
-    if lora:
-        policy = add_lora(policy, config)
+    sharded = distributed.in_lockstep()
+    meta = distributed.builds_on_meta()
+    free = bool(config.loss.get("reference_free", False))
+    wants_reference = config.loss.name != "sft" and not lora and (not free or config.online)  # online runs sample from it
+    with distributed.main_first():
+        tokenizer = load_tokenizer(config, train_data)
+        policy = load_model(config, tokenizer, "float32" if sharded and not lora else config.model.policy_dtype,
+                            quantize_4bit=bool(config.qlora), meta=meta)
+        if lora:
+            policy = add_lora(policy, config)
+        if trained_weights and not meta:
+            load_trained_weights(policy, trained_weights)
+        reference_model = load_model(config, tokenizer, config.model.reference_dtype, meta=meta) if wants_reference else None
     if config.activation_checkpointing:
         enable_activation_checkpointing(policy, config.model.block_name)
-    if not config.qlora:  # a 4-bit model was loaded onto its device
-        policy.to(device)
-    check_logit_transform(policy, tokenizer, device)
+    if reference_model is not None:
+        reference_model.requires_grad_(False)
+    for model in (policy, reference_model):
+        if model is None:
+            continue
+        if sharded:
+            distributed.shard_model(model, config, device)
+        elif not config.qlora:  # a 4-bit model was loaded onto its device
+            model.to(device)
+        check_logit_transform(model, tokenizer, device)
     if config.loss.name == "sft":
         return tokenizer, policy, None
-    free = bool(config.loss.get("reference_free", False))
-    reference_model = None
-    if not lora and (not free or config.online):  # online runs sample from the reference
-        reference_model = load_model(config, tokenizer, config.model.reference_dtype).to(device)
-        reference_model.requires_grad_(False)
-        check_logit_transform(reference_model, tokenizer, device)
     return tokenizer, policy, Reference(policy, reference_model, free=free)
 
 

@@ -15,6 +15,7 @@ measures that scale once at load against the model's own forward, so these log-p
 forward's, and refuses models whose forward does something else.
 """
 import contextlib
+import functools
 import math
 import random
 from dataclasses import dataclass
@@ -59,6 +60,24 @@ def _hf_model(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def whole_model(fn: Callable) -> Callable:
+    """For functions fn(model, ...) that call the trunk and the head directly: under FSDP they run
+    inside the root's `run_unsharded` (distributed.shard_model), which gathers the root's own weights
+    (embeddings, final norm, head) for the call and its backward, as the model's forward would."""
+    @functools.wraps(fn)
+    def call(model, *args, **kwargs):
+        root = _hf_model(model)
+        run = getattr(root, "run_unsharded", None)
+        if run is None or getattr(root, "_unsharded_depth", 0):
+            return fn(model, *args, **kwargs)
+        root._unsharded_depth = 1
+        try:
+            return run(fn, model, *args, **kwargs)
+        finally:
+            root._unsharded_depth = 0
+    return call
+
+
 def causal_lm_parts(model) -> Tuple[torch.nn.Module, torch.nn.Module, LogitTransform]:
     """(trunk, head, transform) of a causal LM, also under PEFT. The trunk maps input_ids to the final
     (normalised) hidden states, the head maps them to raw logits, the transform to the forward's logits."""
@@ -71,6 +90,7 @@ def causal_lm_parts(model) -> Tuple[torch.nn.Module, torch.nn.Module, LogitTrans
 
 
 @torch.no_grad()
+@whole_model
 def calibrate_logit_transform(model, input_ids: torch.Tensor, tolerance: float = 1e-3) -> LogitTransform:
     """Measure how the model's forward maps head outputs to logits on a short probe (1, T) and store it
     on the model for every later scoring call. Raises ConfigError (one line) when no scale (with the
@@ -185,6 +205,7 @@ def _sum_per_row(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch
     return out.index_add_(-1, rows, values)
 
 
+@whole_model
 def response_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                    chunk_size: Optional[int] = None, prompts: Optional[SharedPrompts] = None) -> torch.Tensor:
     """Sum of log p(response tokens) per sequence, (B,) fp32. Prompt/padding (labels -100) excluded,
@@ -308,6 +329,7 @@ def mc_dropout_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
 
 
 @torch.no_grad()
+@whole_model
 def mc_dropout_samples(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                        k: int, p: float, method: str = "head", chunk_size: Optional[int] = None,
                        generator: Optional[torch.Generator] = None, prompts: Optional[SharedPrompts] = None) -> torch.Tensor:
@@ -363,6 +385,7 @@ def mc_dropout_samples(model, input_ids: torch.Tensor, attention_mask: torch.Ten
 # ----------------------------------------------------------------------------------------------
 # Head dropout without its Monte Carlo noise: the linearised log-prob and a control variate
 
+@whole_model
 def _head_gradients(model, input_ids, attention_mask, labels, chunk_size: Optional[int] = None,
                     prompts: Optional[SharedPrompts] = None):
     """One trunk pass in eval mode and one backward through the head only.
@@ -418,6 +441,7 @@ EXACT_DIMS = 8
 
 
 @torch.no_grad()
+@whole_model
 def analytic_head_dropout(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                           p: float, exact_dims: int = EXACT_DIMS, tokens_per_chunk: int = 32,
                           prompts: Optional[SharedPrompts] = None) -> Dict[str, torch.Tensor]:
@@ -453,6 +477,7 @@ def analytic_head_dropout(model, input_ids: torch.Tensor, attention_mask: torch.
 # Epistemic uncertainty: a Laplace posterior over a shift of the final hidden state
 
 @torch.no_grad()
+@whole_model
 def head_features(model, input_ids, attention_mask, labels, generator=None,
                   prompts: Optional[SharedPrompts] = None) -> Dict[str, torch.Tensor]:
     """The deterministic log-prob 'mu' (B,) and the features 'psi' (H, B) of each sequence: psi = the sum

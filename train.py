@@ -95,6 +95,11 @@ def check_config(config: DictConfig) -> None:
         raise ConfigError(f"trainer={config.trainer} is unknown; allowed: BasicTrainer")
     if config.lora and config.qlora:
         raise ConfigError("lora=true and qlora=true are exclusive (qlora already adds LoRA adapters)")
+    fsdp = distributed.launched() and config.distributed.strategy == "fsdp"
+    if config.model.policy_dtype in ("bfloat16", "float16") and not (config.lora or config.qlora or fsdp):
+        raise ConfigError(f"model.policy_dtype={config.model.policy_dtype} with a full fine-tune keeps no fp32 master weights "
+                          f"(at lr={config.lr} most updates round away): use lora=true, model.policy_dtype=float32, or "
+                          "torchrun with distributed.strategy=fsdp (fp32 weights, half-precision compute)")
     top_k = config.generation.top_k
     if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
         raise ConfigError(f"generation.top_k={top_k} must be an integer >= 0 (0 = off)")
@@ -266,7 +271,6 @@ def main_with(config: DictConfig) -> Dict:
     check_config(config)
     from data_selection import build_source, load_run_data
     from evaluation import build_evaluator
-    from checkpoints import load_trained_weights
     from models import build_models
     from scoring import response_logps
     from trainers import BasicTrainer
@@ -282,12 +286,9 @@ def main_with(config: DictConfig) -> Dict:
         utils.atomic_write_text(os.path.join(run_dir, "config.yaml"), OmegaConf.to_yaml(config, resolve=True))
     for judging in {oracle, judge} - {None}:
         judging.open(run_dir)
-    with distributed.main_first():  # rank 0 converts the model / trains the tokenizer into the cache first
-        tokenizer, policy, reference = build_models(config, device, data["train"])
     latest = os.path.realpath(os.path.join(run_dir, "LATEST")) if config.resume else None
-    if latest:
-        load_trained_weights(policy, latest)  # before sharding: the files hold whole tensors
-    forward = distributed.prepare(policy, reference.model if reference is not None else None, config, device, response_logps)
+    tokenizer, policy, reference = build_models(config, device, data["train"], trained_weights=latest)
+    forward = distributed.prepare(policy, config, device, response_logps)
     logger = utils.RunLogger(config, run_dir, enabled=distributed.is_main())
     source = build_source(config, data, policy, reference, tokenizer, device, run_dir, oracle)
     evaluator = build_evaluator(config, data, tokenizer, device, reference, run_dir, judge)
@@ -338,13 +339,7 @@ def main(config: DictConfig) -> None:
         os._exit(1)
     finally:
         distributed.teardown()
-    if distributed.launched():
-        # Under torchrun, leave without the interpreter's finalisation: gloo's worker threads, still
-        # held by the wrapped model after destroy_process_group, aborted ranks there in about 1 run in
-        # 10 ("terminate called without an active exception").
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+    distributed.leave(code)
     if code:
         sys.exit(code)
 

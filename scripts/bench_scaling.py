@@ -67,9 +67,8 @@ def worker(args) -> None:
                             f"max_length={args.prompt_len + args.response_len}", f"max_prompt_length={args.prompt_len}")
     device = distributed.setup(config)
     torch.manual_seed(0)
-    with distributed.main_first():
-        tokenizer, policy, reference = build_models(config, device)
-    forward = distributed.prepare(policy, reference.model, config, device, response_logps)
+    tokenizer, policy, reference = build_models(config, device)
+    forward = distributed.prepare(policy, config, device, response_logps)
     pairs = fixed_length_pairs(tokenizer, args.data, max(args.pool, args.pairs), args.prompt_len, args.response_len)
     sequences = pool_sequences(pairs[:args.pool])
     batch = collate([pair_element(p) for p in pairs[:args.pairs]], tokenizer.pad_token_id)
@@ -92,7 +91,7 @@ def worker(args) -> None:
     if distributed.is_main():
         with open(args.worker, "w") as f:
             json.dump(times, f)
-    distributed.teardown()
+    distributed.leave(0)
 
 
 def launch(args, procs: int) -> dict:
