@@ -185,6 +185,38 @@ def test_microbatch_weights_give_the_global_mean_at_any_world_size(monkeypatch):
         assert seen == batch["prompt"]
 
 
+@pytest.mark.parametrize("architecture,block,policy_dtype,reference_dtype,lora", [
+    ("llama", "LlamaDecoderLayer", "bfloat16", "bfloat16", False), ("gpt2", "GPT2Block", "float32", "float16", False),
+    ("gpt_neox", "GPTNeoXLayer", "float32", "float16", True)])
+def test_fsdp_trains_every_preset_dtype_pair_with_bf16_compute(tmp_path, architecture, block, policy_dtype,
+                                                               reference_dtype, lora):
+    """The casts a GPU run makes, forced on CPU (distributed.fsdp_compute_dtype=bfloat16): each block and
+    the root sharded, half-precision reference beside an fp32 or bf16 policy, full fine-tune or LoRA. The run
+    trains to finite weights, and a full fine-tune keeps its master weights in fp32."""
+    pairs = write_synthetic_pairs(tmp_path / "pairs.jsonl")
+    overrides = tiny_overrides(tmp_path, f"datasets=[{pairs}]", *OFFLINE, "uncertainty_method=laplace",
+                               f"model.architecture.model_type={architecture}", f"model.block_name={block}",
+                               f"model.policy_dtype={policy_dtype}",
+                               f"model.reference_dtype={reference_dtype}", *(["lora=true"] if lora else []),
+                               "distributed.strategy=fsdp", "distributed.fsdp_compute_dtype=bfloat16")
+    run = finished(tmp_path, launch(tmp_path, 2, overrides))
+    trained = weights(run)
+    assert all(torch.isfinite(w.float()).all() for w in trained.values())
+    if not lora:
+        assert {w.dtype for w in trained.values()} == {torch.float32}
+    final = json.load(open(os.path.join(run, "summary.json")))["final_eval"]
+    assert all(v == v for v in final.values() if isinstance(v, float))
+
+
+def test_half_precision_full_fine_tune_without_fsdp_is_a_one_line_error():
+    from conftest import compose_config
+    from train import check_config
+    from utils import ConfigError
+    with pytest.raises(ConfigError, match="model.policy_dtype=bfloat16 with a full fine-tune keeps no fp32 master weights"):
+        check_config(compose_config(["exp_name=x", "model.policy_dtype=bfloat16"]))
+    check_config(compose_config(["exp_name=x", "model.policy_dtype=bfloat16", "lora=true"]))
+
+
 def test_fsdp_with_qlora_and_unknown_strategies_are_one_line_errors(monkeypatch):
     from conftest import compose_config
     from train import check_config
