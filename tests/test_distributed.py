@@ -126,6 +126,27 @@ def test_killed_two_rank_run_resumes_to_the_same_weights_and_ledger(tmp_path, on
     assert max_difference(weights(one), weights(run_dir)) < 1e-5
 
 
+def test_killed_fsdp_full_fine_tune_resumes_at_its_world_size_and_refuses_another(tmp_path):
+    """A full fine-tune under FSDP, rank 1 killed at step 2: resumed alone it says in one line what it needs;
+    resumed on 2 ranks it ends with the uninterrupted one-process run's weights (fp32 summation order)."""
+    pairs = write_synthetic_pairs(tmp_path / "pairs.jsonl")
+    overrides = tiny_overrides(tmp_path, f"datasets=[{pairs}]", *OFFLINE, "uncertainty_method=laplace")
+    one = finished(tmp_path / "one", launch(tmp_path / "one", 1, overrides))
+    killed = launch(tmp_path / "two", 2, [*overrides, "distributed.strategy=fsdp"], FAIL_RANK="1", FAIL_STEP="2")
+    assert killed.returncode != 0 and "injected failure at step 2" in killed.stderr
+    run_dir = glob.glob(f"{tmp_path}/two/runs/t_*")[0]
+    assert os.readlink(os.path.join(run_dir, "LATEST")) == "step-2"   # steps 0 and 1 done
+    alone = subprocess.run([sys.executable, "train.py", f"resume={run_dir}"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=120, env={**os.environ, **ENV})
+    assert alone.returncode == 2
+    assert alone.stderr.strip().splitlines()[-1].startswith("error: resume: ") and "--nproc_per_node=2" in alone.stderr
+    recorded = len(batches(tmp_path / "two"))
+    resumed = launch(tmp_path / "two", 2, [f"resume={run_dir}"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert batches(tmp_path / "two")[:2] + batches(tmp_path / "two")[recorded:] == batches(tmp_path / "one")
+    assert max_difference(weights(one), weights(run_dir)) < 1e-5
+
+
 @pytest.mark.parametrize("mode", ["raise", "hang"])
 def test_a_failing_rank_ends_the_whole_job_in_one_line(tmp_path, mode):
     """A rank that raises, or hangs (distributed.timeout_s=5), ends both processes: one line naming the
