@@ -58,6 +58,14 @@ def ledger(run_dir):
     return [(r["key"], r["winner"]) for r in read_jsonl(os.path.join(run_dir, "oracle_ledger.jsonl"))]
 
 
+def assert_resume_alone_refused(run_dir):
+    """A 2-rank run resumed by one process stops in one line that says how to launch it."""
+    alone = subprocess.run([sys.executable, "train.py", f"resume={run_dir}"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=120, env={**os.environ, **ENV})
+    assert alone.returncode == 2
+    assert alone.stderr.strip().splitlines()[-1].startswith("error: resume: ") and "--nproc_per_node=2" in alone.stderr
+
+
 OFFLINE = ["loss=dpo", "active=true", "selection_strategy=ae", "batch_size=5", "gradient_accumulation_steps=3",
            "n_examples=15", "eval_every=5", "n_eval_examples=20", "lr=1e-2"]
 ONLINE = ["datasets=[haikus]", f"dataset_files.haikus={ROOT}/data/haiku_keywords.txt", "loss=dpo", "online=true",
@@ -113,10 +121,7 @@ def test_killed_two_rank_run_resumes_to_the_same_weights_and_ledger(tmp_path, on
     run_dir = glob.glob(f"{tmp_path}/runs/t_*")[0]
     assert os.readlink(os.path.join(run_dir, "LATEST")) == "step-2"
 
-    alone = subprocess.run([sys.executable, "train.py", f"resume={run_dir}"], cwd=ROOT, capture_output=True, text=True,
-                           timeout=120, env={**os.environ, **ENV})
-    assert alone.returncode == 2
-    assert alone.stderr.strip().splitlines()[-1].startswith("error: resume: ") and "--nproc_per_node=2" in alone.stderr
+    assert_resume_alone_refused(run_dir)
 
     recorded = len(batches(tmp_path))                       # steps 0-3 were drawn before the failure
     resumed = launch(tmp_path, 2, [f"resume={run_dir}"])
@@ -136,10 +141,7 @@ def test_killed_fsdp_full_fine_tune_resumes_at_its_world_size_and_refuses_anothe
     assert killed.returncode != 0 and "injected failure at step 2" in killed.stderr
     run_dir = glob.glob(f"{tmp_path}/two/runs/t_*")[0]
     assert os.readlink(os.path.join(run_dir, "LATEST")) == "step-2"   # steps 0 and 1 done
-    alone = subprocess.run([sys.executable, "train.py", f"resume={run_dir}"], cwd=ROOT, capture_output=True, text=True,
-                           timeout=120, env={**os.environ, **ENV})
-    assert alone.returncode == 2
-    assert alone.stderr.strip().splitlines()[-1].startswith("error: resume: ") and "--nproc_per_node=2" in alone.stderr
+    assert_resume_alone_refused(run_dir)
     recorded = len(batches(tmp_path / "two"))
     resumed = launch(tmp_path / "two", 2, [f"resume={run_dir}"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -236,6 +238,16 @@ def test_half_precision_full_fine_tune_without_fsdp_is_a_one_line_error():
     with pytest.raises(ConfigError, match="model.policy_dtype=bfloat16 with a full fine-tune keeps no fp32 master weights"):
         check_config(compose_config(["exp_name=x", "model.policy_dtype=bfloat16"]))
     check_config(compose_config(["exp_name=x", "model.policy_dtype=bfloat16", "lora=true"]))
+
+
+def test_fsdp_computes_in_the_configured_dtype_and_in_bf16_on_cuda():
+    from conftest import compose_config
+    from distributed import compute_dtype
+    config = compose_config(["exp_name=x"])
+    assert compute_dtype(config, torch.device("cuda", 0)) == torch.bfloat16
+    assert compute_dtype(config, torch.device("cpu")) is None
+    config = compose_config(["exp_name=x", "distributed.fsdp_compute_dtype=float16"])
+    assert compute_dtype(config, torch.device("cpu")) == torch.float16
 
 
 def test_fsdp_with_qlora_and_unknown_strategies_are_one_line_errors(monkeypatch):
