@@ -1,12 +1,17 @@
 """Checkpoint files: `step-N/` directories written atomically, the LATEST link, and strict loading.
 
-A checkpoint holds `policy.pt` (full state dict) or `adapter/` (PEFT format), `tokenizer/`,
-`training_state.pt` (optimizer, scheduler, trainer counters, RNG, data position) and `config.yaml`.
-Everything loads with torch.load(weights_only=True); a state dict from another model fails in one
-line naming the first mismatching key.
+A checkpoint holds the trained weights, `tokenizer/`, `training_state.pt` (optimizer, scheduler,
+trainer counters, data position and selection state once, each rank's RNG) and `config.yaml`. The
+weights are `adapter/` (PEFT format: the adapters only, never the frozen base) under LoRA, `policy.pt`
+(full state dict) for a full fine-tune, or, for a full fine-tune sharded by FSDP, `sharded/`: the
+weights and the optimizer as torch.distributed.checkpoint shards, each rank writing its own and any
+world size (one process included) reading them. Everything loads with weights_only=True; weights of
+another model fail in one line naming the first mismatching key.
 """
+import contextlib
 import os
 import shutil
+import warnings
 from typing import Dict, Optional
 
 import torch
@@ -15,21 +20,30 @@ from omegaconf import OmegaConf
 from utils import ConfigError, atomic_write_text
 
 TRAINING_STATE = "training_state.pt"
+SHARDED = "sharded"
 
 
-def write_checkpoint(run_dir: str, step: int, policy, tokenizer, training_state: Dict, config,
-                     weights: Optional[Dict[str, torch.Tensor]] = None) -> str:
-    """Write run_dir/step-{step}/ (temp dir, then rename) and point LATEST at it; returns its path.
-    An existing step directory is kept as it is (a resumed run reaching a step it had saved).
-    weights: the policy's full state dict when the module's own is sharded (FSDP), else None."""
-    name = f"step-{step}"
-    final = os.path.join(run_dir, name)
-    if os.path.exists(final):
-        return final
-    tmp = os.path.join(run_dir, f".tmp-{name}")
+def begin_checkpoint(run_dir: str, step: int) -> Optional[str]:
+    """An empty temporary directory to write run_dir/step-{step}/ into, or None when that step is
+    saved already (a resumed run reaching a step it had saved: the directory is kept as it is)."""
+    if os.path.exists(os.path.join(run_dir, f"step-{step}")):
+        return None
+    tmp = os.path.join(run_dir, f".tmp-step-{step}")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    save_policy(policy, tokenizer, tmp, weights)
+    return tmp
+
+
+def finish_checkpoint(run_dir: str, step: int, tmp: str, policy, tokenizer, training_state: Dict, config,
+                      weights: Optional[Dict[str, torch.Tensor]] = None) -> str:
+    """Complete `tmp` (from begin_checkpoint) as run_dir/step-{step}/ (rename) and point LATEST at it;
+    returns its path. weights: the adapters' tensors when the module's own are sharded (LoRA under
+    FSDP); None when its state dict is whole, or when `tmp` holds the weights as shards already."""
+    name = f"step-{step}"
+    final = os.path.join(run_dir, name)
+    if not os.path.isdir(os.path.join(tmp, SHARDED)):
+        save_policy(policy, tmp, weights)
+    tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
     torch.save(training_state, os.path.join(tmp, TRAINING_STATE))
     atomic_write_text(os.path.join(tmp, "config.yaml"), OmegaConf.to_yaml(config, resolve=True))
     os.replace(tmp, final)
@@ -59,16 +73,53 @@ def load_trained_weights(policy, directory: str) -> None:
         load_archive(policy, directory)
 
 
+def save_shards(state: Dict, directory: str) -> None:
+    """Every rank writes its shards of `state` (nested dicts of tensors and DTensors) into
+    directory/sharded/ (a collective)."""
+    import torch.distributed.checkpoint as dcp
+    with one_process_quiet():
+        dcp.save(state, checkpoint_id=os.path.join(directory, SHARDED))
+
+
+def load_shards(state: Dict, directory: str, alone: bool = False) -> None:
+    """Fill `state` (allocated: this rank's shards, or whole tensors) in place from directory/sharded/,
+    whatever world size wrote it; each rank reads only what it holds. A collective under torchrun,
+    unless `alone` (one rank reading whole tensors by itself)."""
+    import torch.distributed.checkpoint as dcp
+    with one_process_quiet():
+        dcp.load(state, checkpoint_id=os.path.join(directory, SHARDED), no_dist=alone)
+
+
+@contextlib.contextmanager
+def one_process_quiet():
+    """Without DCP's warning that a process without a process group saves or loads alone (intended here)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to (save|load) in a single process")
+        yield
+
+
+def saved_shapes(directory: str) -> Dict[str, torch.Size]:
+    """The name and shape of every weight in a checkpoint's sharded/ (from its metadata; nothing loaded)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    metadata = FileSystemReader(os.path.join(directory, SHARDED)).read_metadata().state_dict_metadata
+    return {k[len("model."):]: v.size for k, v in metadata.items() if k.startswith("model.") and hasattr(v, "size")}
+
+
 def load_archive(model, directory: str) -> None:
-    """Load policy.pt strictly, with one line naming what does not match."""
+    """Load a full fine-tune's weights strictly (policy.pt, or the shards of sharded/ read by this
+    process alone), with one line naming what does not match."""
     path = os.path.join(directory, "policy.pt")
-    if not os.path.exists(path):
-        raise ConfigError(f"model.archive: {directory} holds no policy.pt")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    if os.path.exists(path):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        shapes = {k: v.shape for k, v in state.items()}
+    elif os.path.isdir(os.path.join(directory, SHARDED)):
+        path, state, shapes = os.path.join(directory, SHARDED), None, saved_shapes(directory)
+    else:
+        raise ConfigError(f"model.archive: {directory} holds no policy.pt (nor sharded/ weights)")
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    mismatched = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    missing = [k for k in expected if k not in shapes]
+    unexpected = [k for k in shapes if k not in expected]
+    mismatched = [k for k in expected if k in shapes and shapes[k] != expected[k].shape]
     if missing or unexpected or mismatched:
         parts = []
         if missing:
@@ -77,18 +128,20 @@ def load_archive(model, directory: str) -> None:
             parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
         if mismatched:
             k = mismatched[0]
-            parts.append(f"{len(mismatched)} shape mismatches (e.g. {k}: archive {tuple(state[k].shape)} vs model {tuple(expected[k].shape)})")
+            parts.append(f"{len(mismatched)} shape mismatches (e.g. {k}: archive {tuple(shapes[k])} vs model {tuple(expected[k].shape)})")
         raise ConfigError(f"model.archive={path} does not match model={model.config.model_type}: " + "; ".join(parts))
-    model.load_state_dict(state, strict=True)
+    if state is None:
+        load_shards({"model": expected}, directory, alone=True)   # into the parameters' own storage
+    else:
+        model.load_state_dict(state, strict=True)
 
 
-def save_policy(policy, tokenizer, directory: str, weights: Optional[Dict[str, torch.Tensor]] = None) -> None:
-    """policy.pt (full state dict) or adapter/ (PEFT adapter), plus the tokenizer. `weights` replaces
-    the module's own state dict (the gathered one of a sharded policy); the files are the same."""
+def save_policy(policy, directory: str, weights: Optional[Dict[str, torch.Tensor]] = None) -> None:
+    """policy.pt (full state dict) or adapter/ (PEFT adapter). `weights` replaces the module's own
+    state dict (the adapters' whole tensors of a sharded policy); the files are the same."""
     if hasattr(policy, "peft_config"):
         policy.save_pretrained(os.path.join(directory, "adapter"), **({"state_dict": weights} if weights is not None else {}))
     else:
         torch.save(weights if weights is not None else policy.state_dict(), os.path.join(directory, "policy.pt"))
-    tokenizer.save_pretrained(os.path.join(directory, "tokenizer"))
 
 

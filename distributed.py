@@ -366,26 +366,52 @@ def clip_grad_norm(parameters: List[torch.nn.Parameter], max_norm: float) -> flo
     return total
 
 
-def full_model_state(policy) -> Optional[Dict[str, torch.Tensor]]:
-    """FSDP2: the whole policy's state dict, gathered onto rank 0's CPU (a collective: every rank calls
-    it; other ranks get an empty dict). None without FSDP (the module's own state_dict is complete)."""
-    if _STATE["strategy"] != "fsdp":
+def shards_checkpoints(policy) -> bool:
+    """Whether checkpoints hold the weights and the optimizer as each rank's shards (torch.distributed.checkpoint):
+    a full fine-tune under FSDP. Under LoRA the trainable adapters are replicated and the base is frozen,
+    so rank 0 saves the adapters whole and nothing else of the model."""
+    return _STATE["strategy"] == "fsdp" and not hasattr(policy, "peft_config")
+
+
+def sharded_state(policy, optimizer, weights: bool = True) -> Dict:
+    """This rank's shards of the weights (unless weights=False) and of the optimizer's state, by parameter
+    name (views, no copies; allocated if the optimizer has not stepped yet), for checkpoints.save_shards
+    and load_shards. Alone: the whole of both."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    return {**({"model": get_model_state_dict(policy)} if weights else {}),
+            "optimizer": get_optimizer_state_dict(policy, optimizer)}
+
+
+def set_sharded_optimizer(policy, optimizer, state: Dict) -> None:
+    """Load `sharded_state`'s optimizer part, filled by checkpoints.load_shards, into the optimizer."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+    set_optimizer_state_dict(policy, optimizer, optim_state_dict=state["optimizer"])
+
+
+def adapter_state(policy) -> Optional[Dict[str, torch.Tensor]]:
+    """LoRA under FSDP: the adapters' weights, whole, on every rank (the trainable ones are replicated; a
+    frozen one, e.g. an SFT reference adapter, is sharded and gathered here: a collective). The base is
+    neither gathered nor saved. None otherwise: the module's own state dict is whole."""
+    if _STATE["strategy"] != "fsdp" or not hasattr(policy, "peft_config"):
         return None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    return get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {name: (p.full_tensor() if _is_dtensor(p) else p).detach().cpu()
+            for name, p in policy.named_parameters() if "lora_" in name}
 
 
 def optimizer_state(policy, optimizer) -> Dict:
-    """The optimizer's state for the checkpoint: under FSDP2 gathered in full onto rank 0 (a collective)."""
-    if _STATE["strategy"] != "fsdp":
-        return optimizer.state_dict()
+    """The optimizer's state keyed by parameter name, whole (on rank 0 under FSDP, a collective), so that
+    it loads at any world size and under either strategy."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-    return get_optimizer_state_dict(policy, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    fsdp = _STATE["strategy"] == "fsdp"
+    return get_optimizer_state_dict(policy, optimizer, options=StateDictOptions(full_state_dict=fsdp, cpu_offload=fsdp))
 
 
 def load_optimizer_state(policy, optimizer, state: Dict) -> None:
-    if _STATE["strategy"] != "fsdp":
-        optimizer.load_state_dict(state)
+    """`optimizer_state`'s dict into this rank's optimizer (each rank read the whole of it)."""
+    groups = state["param_groups"]
+    if groups and groups[0]["params"] and isinstance(groups[0]["params"][0], int):
+        optimizer.load_state_dict(state)   # checkpoints from before parameter names: torch's own indices
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    set_optimizer_state_dict(policy, optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(policy, optimizer, optim_state_dict=state,
+                             options=StateDictOptions(full_state_dict=_STATE["strategy"] == "fsdp"))

@@ -18,9 +18,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import distributed
-from checkpoints import read_training_state, write_checkpoint
+from checkpoints import SHARDED, begin_checkpoint, finish_checkpoint, load_shards, read_training_state, save_shards
 from scoring import Reference, response_logps
-from utils import ConfigError
 from utils import RunPaused, append_jsonl, atomic_write_text, pad_to_length, read_jsonl, rng_state, set_rng_state
 
 
@@ -276,42 +275,56 @@ class BasicTrainer:
     # -- checkpoints -----------------------------------------------------------------------------
 
     def trainer_state(self) -> Dict:
+        """What a resume restores besides the model and optimizer: the same on every rank (every rank runs
+        the same batch source, so its data position and the estimator's state are the same), saved once."""
         return {"step": self.step, "example_counter": self.example_counter, "next_eval": self.next_eval,
-                "source": self.batch_source.state_dict(), "rng": rng_state(),
+                "source": self.batch_source.state_dict(),
                 "world_size": distributed.world_size(), "distributed": distributed.strategy(self.config)}
 
     def save(self) -> Optional[str]:
-        """Checkpoint step-N/ (see checkpoints.write_checkpoint), written by rank 0; none in debug mode.
-        Every rank's own state (its RNG, its estimator generator) is kept under trainer_by_rank."""
+        """Checkpoint step-N/ (see checkpoints.py); none in debug mode. Rank 0 writes the files; under a
+        sharded full fine-tune (FSDP) every rank writes its own shards of the weights and optimizer."""
         if self.config.debug:
             return None
-        weights = distributed.full_model_state(self.policy)        # collectives: every rank takes part
-        optimizer = distributed.optimizer_state(self.policy, self.optimizer)
-        by_rank = distributed.gather(self.trainer_state())
+        tmp = distributed.broadcast(begin_checkpoint(self.run_dir, self.step) if distributed.is_main() else None)
+        if tmp is None:                                             # saved already
+            return os.path.join(self.run_dir, f"step-{self.step}")
+        sharded = distributed.shards_checkpoints(self.policy)
+        if sharded:
+            save_shards(distributed.sharded_state(self.policy, self.optimizer), tmp)
+        # collectives: every rank takes part
+        weights = distributed.adapter_state(self.policy)
+        optimizer = None if sharded else distributed.optimizer_state(self.policy, self.optimizer)
+        rngs = distributed.gather(rng_state())
         path = None
         if distributed.is_main():
-            state = {"optimizer": optimizer, "scheduler": self.scheduler.state_dict(), "trainer": by_rank[0]}
-            if len(by_rank) > 1:
-                state["trainer_by_rank"] = by_rank
-            path = write_checkpoint(self.run_dir, self.step, self.policy, self.tokenizer, state, self.config, weights)
+            state = {"optimizer": optimizer, "scheduler": self.scheduler.state_dict(), "trainer": self.trainer_state(),
+                     "rng_by_rank": rngs}
+            path = finish_checkpoint(self.run_dir, self.step, tmp, self.policy, self.tokenizer, state, self.config, weights)
         distributed.after_main("checkpoint")
         return distributed.broadcast(path)
 
     def load_training_state(self, checkpoint_dir: str) -> None:
         """Continue from a checkpoint of this run (its weights already loaded by train.py, before any
-        sharding): optimizer, scheduler, counters, RNG, data position, at the world size it was saved at."""
+        sharding): optimizer, scheduler, counters, data position, selection state, RNG. At another world
+        size or strategy too: nothing saved belongs to one rank but its RNG (rank r takes saved rank
+        r mod the saved world size's), and the shards of a sharded checkpoint are read resharded."""
         data = read_training_state(checkpoint_dir)
         state = data["trainer"]
         saved = (int(state.get("world_size", 1)), state.get("distributed"))
         here = (distributed.world_size(), distributed.strategy(self.config))
         if saved != here:
-            raise ConfigError(f"resume: {checkpoint_dir} was saved by {saved[0]} process(es) ({saved[1] or 'no torchrun'}); "
-                              f"this run has {here[0]} ({here[1] or 'no torchrun'}): relaunch with "
-                              + (f"torchrun --nproc_per_node={saved[0]} train.py resume=... (distributed.strategy={saved[1]})"
-                                 if saved[0] > 1 else "python train.py resume=..."))
-        distributed.load_optimizer_state(self.policy, self.optimizer, data["optimizer"])
+            tqdm.write(f"resume: {checkpoint_dir} was saved by {saved[0]} process(es) ({saved[1] or 'no torchrun'}), "
+                       f"continuing on {here[0]} ({here[1] or 'no torchrun'})")
+        if os.path.isdir(os.path.join(checkpoint_dir, SHARDED)):
+            shards = distributed.sharded_state(self.policy, self.optimizer, weights=False)
+            load_shards(shards, checkpoint_dir)
+            distributed.set_sharded_optimizer(self.policy, self.optimizer, shards)
+        else:
+            distributed.load_optimizer_state(self.policy, self.optimizer, data["optimizer"])
         self.scheduler.load_state_dict(data["scheduler"])
-        state = data.get("trainer_by_rank", [state])[distributed.rank()]
+        # checkpoints from before the one-copy state kept every rank's trainer state
+        rngs = data.get("rng_by_rank") or [s["rng"] for s in data.get("trainer_by_rank", [state])]
         self.step, self.example_counter, self.next_eval = state["step"], state["example_counter"], state["next_eval"]
-        set_rng_state(state["rng"])
+        set_rng_state(rngs[distributed.rank() % len(rngs)])
         self.batch_source.load_state_dict(state["source"])

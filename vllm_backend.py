@@ -154,7 +154,7 @@ class VLLMGenerator:
         """Make the server's policy adapter the policy's current weights (a collective under FSDP)."""
         if step == self.synced_step:
             return
-        weights = distributed.full_model_state(self.policy)
+        weights = distributed.adapter_state(self.policy)
         if self.client:
             if self.reference_name is None and "reference" in self.policy.peft_config:
                 name = f"reference-{self.tag}"

@@ -1,11 +1,13 @@
 """torchrun on CPU (gloo, 2 processes, the tiny model): DDP and FSDP2 select, label and train as the
-one-process run does; a failing rank ends the job in one line; a killed 2-rank run resumes exactly.
+one-process run does; a failing rank ends the job in one line; a killed run resumes exactly, at its
+world size and at another.
 
 Launched as `python -m torch.distributed.run` (accelerate's launcher silently starts one process on
 CPU) through tests/dist_entry.py, which records the training batches and can make a rank fail."""
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -45,6 +47,10 @@ def weights(run_dir):
     latest = os.path.join(run_dir, "LATEST")
     if os.path.exists(os.path.join(latest, "policy.pt")):
         return torch.load(os.path.join(latest, "policy.pt"), weights_only=True)
+    if os.path.isdir(os.path.join(latest, "sharded")):
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+        dcp_to_torch_save(os.path.join(latest, "sharded"), os.path.join(run_dir, "gathered.pt"))
+        return torch.load(os.path.join(run_dir, "gathered.pt"), weights_only=True)["model"]
     from safetensors.torch import load_file
     return load_file(os.path.join(latest, "adapter", "adapter_model.safetensors"))
 
@@ -58,13 +64,18 @@ def ledger(run_dir):
     return [(r["key"], r["winner"]) for r in read_jsonl(os.path.join(run_dir, "oracle_ledger.jsonl"))]
 
 
-def assert_resume_alone_refused(run_dir):
-    """A 2-rank run resumed by one process stops in one line that says how to launch it."""
-    alone = subprocess.run([sys.executable, "train.py", f"resume={run_dir}"], cwd=ROOT, capture_output=True, text=True,
-                           timeout=120, env={**os.environ, **ENV})
-    assert alone.returncode == 2
-    assert alone.stderr.strip().splitlines()[-1].startswith("error: resume: ") and "--nproc_per_node=2" in alone.stderr
+def resumed_copy(run_dir, name) -> str:
+    """A copy of a killed run's directory, to resume it once more (a resume continues in its directory)."""
+    copy = os.path.join(os.path.dirname(run_dir), name)
+    shutil.copytree(run_dir, copy, symlinks=True)
+    return copy
 
+
+# Weights of runs at different world sizes differ by fp32 summation order, which Adam amplifies where a
+# gradient is near zero (its update is ~ lr * g / (|g| + eps)): up to 3.7e-5 was measured on one CPU for a
+# 3-step full fine-tune at lr 1e-2. A real fault (a row trained twice, a microbatch misweighted) moves
+# weights by about lr.
+ACROSS_WORLD_SIZES = 1e-4
 
 OFFLINE = ["loss=dpo", "active=true", "selection_strategy=ae", "batch_size=5", "gradient_accumulation_steps=3",
            "n_examples=15", "eval_every=5", "n_eval_examples=20", "lr=1e-2"]
@@ -86,7 +97,7 @@ def test_offline_ae_on_two_ranks_selects_and_trains_like_one_process(tmp_path, s
     one = finished(tmp_path / "one", launch(tmp_path / "one", 1, overrides))
     two = finished(tmp_path / "two", launch(tmp_path / "two", 2, [*overrides, f"distributed.strategy={strategy}"]))
     assert batches(tmp_path / "two") == batches(tmp_path / "one") and len(batches(tmp_path / "one")) == 3
-    assert max_difference(weights(one), weights(two)) < 1e-5
+    assert max_difference(weights(one), weights(two)) < ACROSS_WORLD_SIZES
     final = lambda d: json.load(open(os.path.join(d, "summary.json")))["final_eval"]
     assert final(one).keys() == final(two).keys()
     assert all(abs(final(one)[k] - final(two)[k]) < 1e-4 for k in final(one))
@@ -107,46 +118,76 @@ def test_online_borda_on_two_ranks_buys_the_one_process_labels(tmp_path, online_
     assert ledger(two) == ledger(one) and len(ledger(two)) == 8
     assert len({key for key, _ in ledger(two)}) == 8
     assert batches(tmp_path) == batches(one_out)
-    assert max_difference(weights(one), weights(two)) < 1e-5
+    assert max_difference(weights(one), weights(two)) < ACROSS_WORLD_SIZES
 
 
-def test_killed_two_rank_run_resumes_to_the_same_weights_and_ledger(tmp_path, online_one_process):
+def test_killed_two_rank_run_resumes_on_two_ranks_and_alone_to_the_same_weights_and_ledger(tmp_path, online_one_process):
     """Rank 1 dies at step 3 (the last checkpoint is at step 2, 4 labels): the job ends with rank 1's
-    error in one line; resumed on 2 ranks it buys only the missing labels and ends with the weights
-    and ledger of the uninterrupted run. Resuming it alone says what it needs in one line."""
+    error in one line. Resumed on 2 ranks, and (a copy) resumed by one process, it buys only the missing
+    labels and ends with the weights and ledger of the uninterrupted run."""
     one_out, one = online_one_process
     killed = launch(tmp_path, 2, tiny_overrides(tmp_path, *ONLINE), FAIL_RANK="1", FAIL_STEP="3")
     assert killed.returncode != 0
     assert "error: rank 1 of 2: RuntimeError: injected failure at step 3" in killed.stderr
     run_dir = glob.glob(f"{tmp_path}/runs/t_*")[0]
     assert os.readlink(os.path.join(run_dir, "LATEST")) == "step-2"
+    copy = resumed_copy(run_dir, "alone")
 
-    assert_resume_alone_refused(run_dir)
+    for directory, nproc in ((run_dir, 2), (copy, 1)):
+        start = len(batches(tmp_path))
+        resumed = launch(tmp_path, nproc, [f"resume={directory}"])
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert batches(tmp_path)[:2] + batches(tmp_path)[start:] == batches(one_out), nproc
+        assert ledger(directory) == ledger(one)            # 8 labels, none bought twice
+        assert max_difference(weights(one), weights(directory)) < ACROSS_WORLD_SIZES
 
-    recorded = len(batches(tmp_path))                       # steps 0-3 were drawn before the failure
-    resumed = launch(tmp_path, 2, [f"resume={run_dir}"])
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert batches(tmp_path)[:2] + batches(tmp_path)[recorded:] == batches(one_out)
-    assert ledger(run_dir) == ledger(one)                  # 8 labels, none bought twice
-    assert max_difference(weights(one), weights(run_dir)) < 1e-5
 
-
-def test_killed_fsdp_full_fine_tune_resumes_at_its_world_size_and_refuses_another(tmp_path):
-    """A full fine-tune under FSDP, rank 1 killed at step 2: resumed alone it says in one line what it needs;
-    resumed on 2 ranks it ends with the uninterrupted one-process run's weights (fp32 summation order)."""
+def test_killed_fsdp_full_fine_tune_writes_shards_and_resumes_at_its_world_size_and_alone(tmp_path):
+    """A full fine-tune under FSDP, rank 1 killed at step 2: its checkpoint holds each rank's shards of the
+    weights and optimizer (no gathered copy) and the trainer state once, with each rank's RNG. Resumed on
+    2 ranks, and (a copy) by one process reading the shards whole, it ends with the uninterrupted
+    one-process run's weights (fp32 summation order) and draws the same batches."""
     pairs = write_synthetic_pairs(tmp_path / "pairs.jsonl")
     overrides = tiny_overrides(tmp_path, f"datasets=[{pairs}]", *OFFLINE, "uncertainty_method=laplace")
     one = finished(tmp_path / "one", launch(tmp_path / "one", 1, overrides))
     killed = launch(tmp_path / "two", 2, [*overrides, "distributed.strategy=fsdp"], FAIL_RANK="1", FAIL_STEP="2")
     assert killed.returncode != 0 and "injected failure at step 2" in killed.stderr
     run_dir = glob.glob(f"{tmp_path}/two/runs/t_*")[0]
-    assert os.readlink(os.path.join(run_dir, "LATEST")) == "step-2"   # steps 0 and 1 done
-    assert_resume_alone_refused(run_dir)
-    recorded = len(batches(tmp_path / "two"))
+    latest = os.path.join(run_dir, "LATEST")
+    assert os.readlink(latest) == "step-2"                 # steps 0 and 1 done
+    assert sorted(os.listdir(os.path.join(latest, "sharded"))) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert not os.path.exists(os.path.join(latest, "policy.pt"))
+    state = torch.load(os.path.join(latest, "training_state.pt"), weights_only=True)
+    assert state["optimizer"] is None and "trainer_by_rank" not in state and len(state["rng_by_rank"]) == 2
+    assert state["trainer"]["source"]["laplace_pairs"] == 10 and state["trainer"]["world_size"] == 2
+    copy = resumed_copy(run_dir, "alone")
+
+    for directory, nproc in ((run_dir, 2), (copy, 1)):
+        start = len(batches(tmp_path / "two"))
+        resumed = launch(tmp_path / "two", nproc, [f"resume={directory}"])
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert batches(tmp_path / "two")[:2] + batches(tmp_path / "two")[start:] == batches(tmp_path / "one"), nproc
+        assert max_difference(weights(one), weights(directory)) < ACROSS_WORLD_SIZES
+    assert "was saved by 2 process(es) (fsdp), continuing on 1 (no torchrun)" in resumed.stdout + resumed.stderr
+
+
+def test_one_process_full_fine_tune_resumes_sharded_on_two_ranks(tmp_path):
+    """The other way: a full fine-tune killed alone at step 2 (policy.pt, the optimizer by parameter name)
+    resumes under 2-rank FSDP, each rank taking its shards, to the uninterrupted run's weights."""
+    pairs = write_synthetic_pairs(tmp_path / "pairs.jsonl")
+    overrides = tiny_overrides(tmp_path, f"datasets=[{pairs}]", *OFFLINE, "uncertainty_method=laplace",
+                               "distributed.strategy=fsdp")
+    one = finished(tmp_path / "one", launch(tmp_path / "one", 1, overrides))
+    killed = launch(tmp_path / "two", 1, overrides, FAIL_RANK="0", FAIL_STEP="2")
+    assert killed.returncode != 0 and "injected failure at step 2" in killed.stderr
+    run_dir = glob.glob(f"{tmp_path}/two/runs/t_*")[0]
+    assert os.path.exists(os.path.join(run_dir, "LATEST", "policy.pt"))
+    assert len(batches(tmp_path / "two")) == 2             # the failure came before step 2's batch was recorded
     resumed = launch(tmp_path / "two", 2, [f"resume={run_dir}"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert batches(tmp_path / "two")[:2] + batches(tmp_path / "two")[recorded:] == batches(tmp_path / "one")
-    assert max_difference(weights(one), weights(run_dir)) < 1e-5
+    assert batches(tmp_path / "two") == batches(tmp_path / "one")
+    assert os.path.isdir(os.path.join(run_dir, "LATEST", "sharded"))
+    assert max_difference(weights(one), weights(run_dir)) < ACROSS_WORLD_SIZES
 
 
 @pytest.mark.parametrize("mode", ["raise", "hang"])

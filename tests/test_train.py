@@ -148,6 +148,28 @@ def test_archive_from_another_model_is_one_clear_line(tmp_path, pairs):
     assert "does not match" in message and "shape mismatches" in message and "\n" not in message
 
 
+def test_sharded_weights_load_whole_through_model_archive_and_a_mismatch_is_one_line(tmp_path, pairs):
+    """A full fine-tune's shards (step-N/sharded/, as FSDP writes them) read by one process through
+    model.archive: the same weights; into a model of another shape: one line naming the mismatch."""
+    from checkpoints import save_shards
+    from models import load_model, load_tokenizer
+    overrides = tiny_overrides(tmp_path, f"datasets=[{pairs}]", "loss=sft", "exp_name=sft", "batch_size=8", "n_examples=8")
+    summary = run(compose_config(overrides))
+    trained = torch.load(os.path.join(summary["checkpoint"], "policy.pt"), weights_only=True)
+    step = tmp_path / "sharded_step"
+    step.mkdir()
+    save_shards({"model": trained}, str(step))               # one process: no process group, one shard file
+    config = compose_config(overrides + [f"model.archive={step}"])
+    loaded = load_model(config, load_tokenizer(config), "float32").state_dict()
+    assert loaded.keys() == trained.keys() and all(torch.equal(loaded[k], trained[k]) for k in trained)
+    config = compose_config(overrides + [f"model.archive={step}", "model.architecture.hidden_size=64",
+                                         "model.architecture.intermediate_size=128"])
+    with pytest.raises(ConfigError) as err:
+        load_model(config, load_tokenizer(config), "float32")
+    message = str(err.value)
+    assert f"model.archive={step}/sharded does not match" in message and "shape mismatches" in message and "\n" not in message
+
+
 def test_offline_ae_run_counters_add_up_and_sft_share_is_never_selected(tmp_path, pairs, monkeypatch):
     from preference_datasets import get_dataset, split_prompts
     seen = record_batches(monkeypatch)
