@@ -105,6 +105,22 @@ def saved_shapes(directory: str) -> Dict[str, torch.Size]:
     return {k[len("model."):]: v.size for k, v in metadata.items() if k.startswith("model.") and hasattr(v, "size")}
 
 
+def read_weights(directory: str) -> Dict[str, torch.Tensor]:
+    """A checkpoint's trained weights by name, whole, without building a model: the adapters' tensors
+    under LoRA, else the full state dict (policy.pt, or sharded/ read by this process alone)."""
+    adapter = os.path.join(directory, "adapter", "adapter_model.safetensors")
+    if os.path.exists(adapter):
+        from safetensors.torch import load_file
+        return load_file(adapter)
+    if os.path.isdir(os.path.join(directory, SHARDED)):
+        import tempfile
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+        with tempfile.TemporaryDirectory() as tmp, one_process_quiet():
+            dcp_to_torch_save(os.path.join(directory, SHARDED), os.path.join(tmp, "whole.pt"))
+            return torch.load(os.path.join(tmp, "whole.pt"), weights_only=True)["model"]
+    return torch.load(os.path.join(directory, "policy.pt"), map_location="cpu", weights_only=True)
+
+
 def load_archive(model, directory: str) -> None:
     """Load a full fine-tune's weights strictly (policy.pt, or the shards of sharded/ read by this
     process alone), with one line naming what does not match."""

@@ -23,7 +23,7 @@ from oracles.ledger import LEDGER_FILENAME, Ledger, judge_with_budget
 from utils import RunPaused
 from preference_datasets import (Datasets, collate, iterate_elements, iterate_prompts, load_datasets, pair_element,
                                  truncation_mode_for, unlabelled_files)
-from scoring import ESTIMATORS, RowSeeds, head_features, policy_logps, score_sequences
+from scoring import ESTIMATORS, RowSeeds, SamplingStates, head_features, policy_logps, score_sequences
 from strategies import (STRATEGIES, ReliabilityLog, Strategy, scores_policy, selection_stats, selection_view,
                         split_half_spearman)
 
@@ -87,9 +87,10 @@ class CandidateScorer:
         # (scripts/bench_online.py also turns it off, to time the path without it)
         self.share_prompts = distributed.world_size() == 1
 
-    def __call__(self, sequences: List[Dict], columns: int) -> Dict[str, torch.Tensor]:
+    def __call__(self, sequences: List[Dict], columns: int, states: Optional[SamplingStates] = None) -> Dict[str, torch.Tensor]:
         """Scores of `sequences` viewed as (len // columns, columns) per key. Under torchrun each rank
-        scores its share of the sequences and every rank gets all the scores."""
+        scores its share of the sequences and every rank gets all the scores. states: what sampling them
+        kept (one process), read instead of computed."""
         share, real = distributed.sharded(sequences)
         base = int(torch.randint(0, 2 ** 62, (1,), generator=self.generator, device=self.generator.device))
         first = distributed.rank() * len(share)          # the pool index of this rank's first sequence
@@ -97,7 +98,8 @@ class CandidateScorer:
         scores = score_sequences(self.policy, self.reference if self.needs_reference else None, share,
                                  estimator=self.estimator, pad_token_id=self.pad_token_id,
                                  batch_size=int(self.config.selection_batch_size), device=self.device,
-                                 generator=seeds, share_prompts=self.share_prompts)
+                                 generator=seeds, share_prompts=self.share_prompts,
+                                 states=states if self.share_prompts else None)
         scores = distributed.gathered_tensors({k: v[..., :real] for k, v in scores.items()})
         scores = {k: v.view(*v.shape[:-1], -1, columns) for k, v in scores.items()}
         if "sigma" in scores and not self.warned_zero_spread and float(scores["sigma"].abs().max()) == 0.0:
@@ -373,7 +375,8 @@ class OnlineSource:
             t0 = time.time()
             scores: Dict[str, torch.Tensor] = {}
             if scores_policy(self.strategy) or self.strategy.needs_reference:
-                scores = self.scorer([seq for row in candidates for _, seq in row], columns=2 * m)
+                scores = self.scorer([seq for row in candidates for _, seq in row], columns=2 * m,
+                                     states=getattr(self.generator, "states", None) if replay is None else None)
                 self.scored += len(pool) * 2 * m
             view = selection_view(scores, cfg)
             selection = self.strategy.select(view, len(pool), want, cfg, self.rng)

@@ -77,14 +77,20 @@ def setup(config) -> torch.device:
     cuda = torch.cuda.is_available()
     if not launched():
         return torch.device("cuda" if cuda else "cpu")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    backend = config.distributed.backend or ("nccl" if cuda else "gloo")
+    if backend == "nccl" and not cuda:
+        raise ConfigError("distributed.backend=nccl needs CUDA, and no GPU is visible; use gloo (or null) on CPU")
+    local_rank, local_world = int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if backend == "nccl" and local_world > torch.cuda.device_count():
+        raise ConfigError(f"{local_world} ranks on this node and {torch.cuda.device_count()} GPU(s): NCCL needs one GPU "
+                          "per rank; launch --nproc_per_node<=GPUs, or distributed.backend=gloo to share GPUs (slow, for checks)")
+    # gloo may put several ranks on one GPU; it moves CUDA tensors through host memory
+    device = torch.device("cuda", local_rank % torch.cuda.device_count()) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo",
-                                timeout=datetime.timedelta(seconds=float(config.distributed.timeout_s)),
-                                **({"device_id": device} if cuda else {}))
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=float(config.distributed.timeout_s)),
+                                **({"device_id": device} if backend == "nccl" else {}))
     _STATE["strategy"] = strategy(config)
     _STATE["limits"] = {phase: float(config.distributed[f"{phase}_timeout_s"]) for phase in PHASES}
     _STATE["waits"] = dict.fromkeys(PHASES, 0)
@@ -120,6 +126,9 @@ def check_config(config) -> None:
     name = config.distributed.strategy
     if name is not None and name not in STRATEGIES:
         raise ConfigError(f"distributed.strategy={name} is unknown; allowed: {', '.join(STRATEGIES)} (or null: ddp under torchrun)")
+    if config.distributed.backend not in (None, "nccl", "gloo"):
+        raise ConfigError(f"distributed.backend={config.distributed.backend} is unknown; allowed: nccl, gloo "
+                          "(or null: nccl on CUDA, gloo on CPU)")
     dtype = config.distributed.fsdp_compute_dtype
     if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"distributed.fsdp_compute_dtype={dtype} is unknown; allowed: float32, bfloat16, float16 "
@@ -151,6 +160,15 @@ def gather(obj) -> List:
     out = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def any_rank(flag: bool, device) -> bool:
+    """Whether `flag` holds on any rank (a collective: every rank calls it), e.g. a row still sampling."""
+    if world_size() == 1:
+        return flag
+    value = torch.tensor([int(flag)], device=device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
 
 
 def barrier() -> None:

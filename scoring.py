@@ -18,11 +18,12 @@ import contextlib
 import functools
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch.utils.checkpoint import checkpoint
+from transformers import DynamicCache
 
 from preference_datasets import collate
 from utils import ConfigError
@@ -157,29 +158,95 @@ def token_logps(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tens
     return torch.stack(out).reshape(*lead, n)
 
 
+class SamplingStates:
+    """What sampling computed that scoring would compute again, per role ('policy', 'reference'): each
+    prompt's key/value cache but its last token, per layer (keys, values) (1, heads, len - 1, dim), and
+    the final hidden states (L, H) at the positions that predict each sampled response's L tokens (EOS
+    included). Filled by generation.decode in one process; read by SharedPrompts.reading for candidates
+    whose tokens are the sampled ones (a text that tokenises otherwise, or a response cut to max_length,
+    is computed as usual)."""
+
+    def __init__(self):
+        self.prompts: Dict[str, Dict[Tuple[int, ...], List]] = {"policy": {}, "reference": {}}
+        self.responses: Dict[str, Dict[Tuple[Tuple[int, ...], Tuple[int, ...]], torch.Tensor]] = {"policy": {}, "reference": {}}
+
+    def add_prompt(self, role: str, prompt_ids: List[int], layers: List[Tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.prompts[role][tuple(prompt_ids)] = layers
+
+    def add_response(self, role: str, prompt_ids: List[int], tokens: List[int], hidden: torch.Tensor, eos_token_id: int) -> None:
+        """tokens as sampled; a response cut at max_new_tokens is scored with EOS appended (hidden has its row)."""
+        labels = tuple(tokens) if tokens and tokens[-1] == eos_token_id else tuple(tokens) + (eos_token_id,)
+        self.responses[role][(tuple(prompt_ids), labels)] = hidden
+
+
 @dataclass
 class SharedPrompts:
     """Prompts that several sequences of a minibatch share, so the trunk reads each prompt once.
 
-    ids, mask (G, W): each prompt but its last token, left-padded. rows (B,): the prompt of each
-    sequence. The batch that goes with it holds, per sequence, the prompt's last token then the
-    response (right-padded); the trunk continues from the prompts' key/value cache. The cache is made
-    by the model it is read with, so policy and reference (adapters off) each get their own."""
+    ids, mask (G, W): each prompt but its last token, left-padded; keys: each prompt's ids, whole. rows (B,):
+    the prompt of each sequence. The batch that goes with it holds, per sequence, the prompt's last token
+    then the response (right-padded); the trunk continues from the prompts' key/value cache. The cache is
+    made by the model it is read with, so policy and reference (adapters off) each get their own.
+    `reading` adds what sampling kept for one of them (SamplingStates): cache, per layer (keys, values)
+    (G, heads, W, dim), read instead of computed; known (B, T, H) final hidden states of the rows where
+    known_rows (B,), which the trunk then skips."""
     ids: torch.Tensor
     mask: torch.Tensor
     rows: torch.Tensor
+    keys: List[Tuple[int, ...]] = field(default_factory=list)
+    cache: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None
+    known: Optional[torch.Tensor] = None
+    known_rows: Optional[torch.Tensor] = None
+
+    def reading(self, states: SamplingStates, role: str, sequences: List[Dict], length: int) -> "SharedPrompts":
+        """This batch with what `role`'s sampling kept for it; sequences: the batch's (B), length: its T."""
+        stored = [states.prompts[role].get(key) for key in self.keys]
+        cache = None
+        if stored and all(s is not None for s in stored):
+            width, cache = self.ids.shape[1], []
+            for layer in range(len(stored[0])):
+                keys, values = (stored[0][layer][i].new_zeros(len(stored), stored[0][layer][i].shape[1], width,
+                                                              stored[0][layer][i].shape[3]) for i in (0, 1))
+                for g, prompt in enumerate(stored):
+                    k, v = prompt[layer]
+                    keys[g, :, width - k.shape[2]:], values[g, :, width - v.shape[2]:] = k[0], v[0]
+                cache.append((keys, values))
+        hidden = []
+        for seq in sequences:
+            n = prompt_length(seq)
+            hidden.append(states.responses[role].get((tuple(seq["input_ids"][:n]), tuple(seq["labels"][n:]))))
+        known, known_rows = None, torch.tensor([h is not None for h in hidden], device=self.rows.device)
+        if bool(known_rows.any()):
+            first = next(h for h in hidden if h is not None)
+            known = first.new_zeros(len(hidden), length, first.shape[-1])
+            for b, h in enumerate(hidden):
+                if h is not None:
+                    known[b, :len(h)] = h
+        return replace(self, cache=cache, known=known, known_rows=known_rows if known is not None else None)
 
     def continue_trunk(self, trunk, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Final hidden states (B, T) of the suffixes input_ids, attention_mask (B, T), as if each
         followed its full prompt in one sequence."""
-        positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
-        cache = trunk(input_ids=self.ids, attention_mask=self.mask, position_ids=positions, use_cache=True).past_key_values
-        cache.batch_select_indices(self.rows)
-        lengths = self.mask.sum(-1)[self.rows]
+        todo = torch.ones(len(input_ids), dtype=torch.bool, device=input_ids.device) if self.known is None else ~self.known_rows
+        if not bool(todo.any()):
+            return self.known
+        if self.cache is not None:
+            cache = DynamicCache(ddp_cache_data=self.cache)
+        else:
+            positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
+            cache = trunk(input_ids=self.ids, attention_mask=self.mask, position_ids=positions, use_cache=True).past_key_values
+        rows = self.rows[todo]
+        cache.batch_select_indices(rows)
+        lengths = self.mask.sum(-1)[rows]
         positions = lengths[:, None] + torch.arange(input_ids.shape[1], device=input_ids.device)[None]
-        mask = torch.cat([self.mask[self.rows], attention_mask], dim=1)
-        return trunk(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                     use_cache=True).last_hidden_state
+        mask = torch.cat([self.mask[rows], attention_mask[todo]], dim=1)
+        hidden = trunk(input_ids=input_ids[todo], attention_mask=mask, position_ids=positions, past_key_values=cache,
+                       use_cache=True).last_hidden_state
+        if self.known is None:
+            return hidden
+        out = self.known.clone()
+        out[todo] = hidden.to(out.dtype)
+        return out
 
 
 def _response_hidden(model, input_ids, attention_mask, labels, prompts: Optional[SharedPrompts] = None):
@@ -788,12 +855,26 @@ def shared_prompt_batch(sequences: List[Dict], pad_token_id: int, device) -> Tup
         n = prompt_length(seq)
         suffixes.append({"input_ids": seq["input_ids"][n - 1:], "attention_mask": seq["attention_mask"][n - 1:],
                          "labels": [-100] + list(seq["labels"][n:])})
-    return SharedPrompts(ids, mask, torch.tensor(rows, device=device)), collate(suffixes, pad_token_id)
+    return SharedPrompts(ids, mask, torch.tensor(rows, device=device), list(keys)), collate(suffixes, pad_token_id)
+
+
+def shared_prompt_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                       pad_token_id: int) -> Optional[Tuple[SharedPrompts, Dict[str, torch.Tensor]]]:
+    """shared_prompt_batch of a collated, right-padded batch (B, T) (e.g. a DPO step's chosen and rejected
+    rows, which share their prompts), on its device; None when a prompt is shorter than 2 tokens."""
+    sequences = []
+    for ids, mask, row_labels in zip(input_ids.tolist(), attention_mask.tolist(), labels.tolist()):
+        n = sum(mask)
+        sequences.append({"input_ids": ids[:n], "attention_mask": mask[:n], "labels": row_labels[:n]})
+    if any(prompt_length(seq) < 2 for seq in sequences):
+        return None
+    prompts, batch = shared_prompt_batch(sequences, pad_token_id, input_ids.device)
+    return prompts, {k: batch[k].to(input_ids.device) for k in ("input_ids", "attention_mask", "labels")}
 
 
 def score_sequences(policy, reference: Optional[Reference], sequences: List[Dict], *, estimator: Optional[Estimator],
                     pad_token_id: int, batch_size: int, device, generator=None,
-                    share_prompts: bool = True) -> Dict[str, torch.Tensor]:
+                    share_prompts: bool = True, states: Optional[SamplingStates] = None) -> Dict[str, torch.Tensor]:
     """Centre and spread of log pi under the policy (`estimator`, skipped when None) and the reference
     log-prob (skipped when `reference` is None) of each sequence (prompt + one response, as lists).
 
@@ -801,6 +882,8 @@ def score_sequences(policy, reference: Optional[Reference], sequences: List[Dict
     MC dropout 'full'), the sequences of one prompt go together and the trunk reads each prompt once
     per model (SharedPrompts): online, 2m candidates per prompt; offline, chosen and rejected. Else the
     sequences are sorted by length, so each minibatch is padded to a length close to its own.
+    states: what sampling the sequences kept (SamplingStates), read instead of computed where prompts are
+    shared: each model then reads only the other model's samples, from its own prompt caches.
     generator: the estimator's randomness, a torch.Generator or RowSeeds with one seed per sequence.
     Returns the estimator's keys (mu (S,), sigma (S,), optionally mu_halves / sigma_halves (2, S),
     features psi (H, S)), ref (S,) and n_tokens (S,) response tokens: CPU fp32 (nats), in the order of
@@ -821,11 +904,13 @@ def score_sequences(policy, reference: Optional[Reference], sequences: List[Dict
         else:
             batch = collate(chosen, pad_token_id)
         ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
-        kwargs = {"prompts": prompts} if prompts is not None else {}
+        readers = {role: {} if prompts is None else {"prompts": prompts if states is None
+                                                     else prompts.reading(states, role, chosen, ids.shape[1])}
+                   for role in ("policy", "reference")}
         draws = generator.take(members) if isinstance(generator, RowSeeds) else generator
-        scores = dict(estimator(policy, ids, mask, labels, generator=draws, **kwargs)) if estimator is not None else {}
+        scores = dict(estimator(policy, ids, mask, labels, generator=draws, **readers["policy"])) if estimator is not None else {}
         if reference is not None:
-            scores["ref"] = reference.logps(ids, mask, labels, **kwargs)
+            scores["ref"] = reference.logps(ids, mask, labels, **readers["reference"])
         scores["n_tokens"] = (labels[:, 1:] != -100).sum(-1).float()
         for key, value in scores.items():
             out.setdefault(key, []).append(value.float().cpu())

@@ -153,8 +153,11 @@ def resume_config(run_dir: str, overrides: Sequence[str] = ()) -> DictConfig:
         config.generation.prompts_per_call = 1_000_000
     for phase, seconds in (("startup", 3600), ("checkpoint", 1800), ("oracle", 7200)):   # runs from before phase limits
         config.distributed.setdefault(f"{phase}_timeout_s", seconds)
+    for key in ("fsdp_compute_dtype", "backend"):   # runs from before these keys: their defaults
+        config.distributed.setdefault(key, None)
     if "backend" not in config.generation:  # runs from before the vLLM backend
         config.generation.backend = "hf"
+    config.generation.setdefault("keep_states", True)   # runs from before the sampling states were kept
     for override in overrides:
         key, _, value = override.partition("=")
         if key == "resume":

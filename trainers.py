@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 import distributed
 from checkpoints import SHARDED, begin_checkpoint, finish_checkpoint, load_shards, read_training_state, save_shards
-from scoring import Reference, response_logps
+from scoring import Reference, response_logps, shared_prompt_rows
 from utils import RunPaused, append_jsonl, atomic_write_text, pad_to_length, read_jsonl, rng_state, set_rng_state
 
 
@@ -116,7 +116,11 @@ class BasicTrainer:
         """forward: the training forward from distributed.prepare (DDP-wrapped under torchrun);
         default: response_logps on the policy."""
         self.policy, self.reference, self.tokenizer = policy, reference, tokenizer
-        self.forward = forward or (lambda ids, mask, labels: response_logps(policy, ids, mask, labels))
+        self.forward = forward or (lambda ids, mask, labels, prompts=None: response_logps(policy, ids, mask, labels, prompts=prompts))
+        # one process: chosen and rejected read their shared prompt once (the same loss and gradients). Not
+        # under torchrun's wrapped forward, activation checkpointing (no cache in a recomputed block) or
+        # train_dropout (the two rows would share the prompt's dropout masks)
+        self.share_prompts = forward is None and not config.activation_checkpointing and not config.train_dropout
         self.config, self.run_dir, self.batch_source = config, run_dir, batch_source
         self.evaluator, self.logger, self.device = evaluator, logger, device
         # online_loss=sft_winner reproduces the original research code: NLL of the oracle's winner only
@@ -147,14 +151,19 @@ class BasicTrainer:
 
         concat = concatenated_inputs(batch)
         n = batch["chosen_input_ids"].shape[0]
+        shared = shared_prompt_rows(concat["input_ids"], concat["attention_mask"], concat["labels"],
+                                    self.tokenizer.pad_token_id) if self.share_prompts else None
+        if shared is not None:
+            prompts, concat = shared
+        inputs, extra = (concat["input_ids"], concat["attention_mask"], concat["labels"]), ({} if shared is None else {"prompts": prompts})
         if "reference_chosen_logps" in batch:
             # scored during selection: never pay for a second reference pass
             ref_chosen, ref_rejected = batch["reference_chosen_logps"], batch["reference_rejected_logps"]
         else:
             # before the policy forward, so its transient buffers never coexist with saved activations
-            ref_all = self.reference.logps(concat["input_ids"], concat["attention_mask"], concat["labels"])
+            ref_all = self.reference.logps(*inputs, **extra)
             ref_chosen, ref_rejected = ref_all[:n], ref_all[n:]
-        all_logps = self.forward(concat["input_ids"], concat["attention_mask"], concat["labels"])
+        all_logps = self.forward(*inputs, **extra)
         policy_chosen, policy_rejected = all_logps[:n], all_logps[n:]
         losses, chosen_rewards, rejected_rewards = preference_loss(
             policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=self.config.loss.beta,

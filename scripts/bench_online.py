@@ -2,11 +2,15 @@
 against the new, in one process.
 
   old  one generate() call per role (the policy's samples, then the reference's with the adapters
-       disabled), each prompt read once per sample, and every candidate scored as a whole sequence.
-  new  the defaults: under LoRA both roles in one mixed-adapter generate() call
-       (`generation.joint_roles`); each prompt's cache computed once for its samples
-       (generation.prompt_cache); scoring reads each prompt once per model and its 2m candidates
-       from its cache (scoring.SharedPrompts).
+       disabled), each prompt read once per sample, every candidate scored as a whole sequence, and
+       the DPO step reading each prompt twice (chosen and rejected).
+  new  the defaults: generation.decode samples both roles in one mixed-adapter call under LoRA
+       (`generation.joint_roles`), reads the prompts' common start (the chat template's system prompt,
+       an instruction) once per adapter and each prompt once for its samples, drops rows at EOS and
+       draws from the top_k tokens without sorting the vocabulary; scoring reads each prompt once per
+       model (scoring.SharedPrompts) and takes what sampling kept (`generation.keep_states`: the prompts'
+       caches and each sample's hidden states under the model that sampled it), so each model reads
+       only the other's samples; the DPO step reads each prompt once for both responses.
 
 What is timed: whole online steps of the real loop (data_selection.OnlineSource feeding
 trainers.BasicTrainer.train_step), split into the phases the loop logs itself (time/generation_s,
@@ -60,13 +64,35 @@ def build(config, device):
     return source, trainer
 
 
-def use_path(source, new: bool) -> None:
-    source.generator.joint = new
-    source.generator.reuse_prompt = new
+def old_sample(generator):
+    """The sampling path before generation.decode: one generate() per role, each sample reading its prompt,
+    in the same seeded calls."""
+    from generation import sample_responses
+
+    def per_role(model, n):
+        return lambda ids: sample_responses(model, generator.tokenizer, ids, n, generator.generation, generator.device,
+                                            reuse_prompt=False)
+
+    def sample(prompt_ids, n, start, step=0):
+        policy = generator._in_calls(prompt_ids, per_role(generator.policy, n), "policy", start)
+        with generator.reference.active() as model:
+            reference = generator._in_calls(prompt_ids, per_role(model, n), "reference", start)
+        return policy, reference
+    return sample
+
+
+def use_path(source, trainer, new: bool) -> None:
+    generator = source.generator
+    if new:
+        generator.__dict__.pop("sample", None)        # the class's own sample again
+    else:
+        generator.sample = old_sample(generator)
+    generator.keep_states, generator.states = new, None
     source.scorer.share_prompts = new
+    trainer.share_prompts = new
 
 
-def check_greedy_agreement(source, config) -> int:
+def check_greedy_agreement(source, trainer, config) -> int:
     """Both paths' greedy samples (2 per role) of the first step's prompts; exits if they differ.
     Returns the number of prompts."""
     from omegaconf import OmegaConf
@@ -77,11 +103,11 @@ def check_greedy_agreement(source, config) -> int:
     generator.generation = OmegaConf.merge(saved_cfg, {"temperature": 0.0})
     outputs = {}
     for new in (False, True):
-        use_path(source, new)
+        use_path(source, trainer, new)
         outputs[new] = generator.sample(ids, 2, start=0)
     generator.generation = saved_cfg
     if outputs[False] != outputs[True]:
-        print("error: the joint call's greedy samples differ from one call per role", file=sys.stderr)
+        print("error: the new path's greedy samples differ from generate()'s, one call per role", file=sys.stderr)
         sys.exit(1)
     return len(ids)
 
@@ -105,7 +131,7 @@ def main() -> None:
         print("error: this configuration cannot sample both roles in one call (it needs LoRA on a shared base)",
               file=sys.stderr)
         sys.exit(2)
-    agreed = check_greedy_agreement(source, config)
+    agreed = check_greedy_agreement(source, trainer, config)
     print(f"command: {command_line()}")
     print(f"{config.model.name}{' + LoRA' if config.lora else ''} on {args.device} ({args.threads} threads); "
           f"{config.batch_size} labels/step from {int(config.batch_size) * int(config.selection_ratio)} prompts x "
@@ -128,7 +154,7 @@ def main() -> None:
     schedule = alternate(("old", "new"), args.blocks, "old")
     records: Dict[str, List[Dict[str, float]]] = {"old": [], "new": []}
     for path in schedule:
-        use_path(source, path == "new")
+        use_path(source, trainer, path == "new")
         records[path].extend(step() for _ in range(args.steps))
 
     print(f"\nblocks {'-'.join(schedule)} of {args.steps} steps after {args.warmup} warm-up; medians in s/step")

@@ -9,9 +9,12 @@
 #   bash scripts/gpu_check.sh                   # .venv/bin/python, else python3
 #   PYTHON=python3 bash scripts/gpu_check.sh    # another interpreter; wheels in .whl/ are installed first
 #
-# Logs: $OUT (when set) or /tmp/gpu_check, one file per check. On one GPU the torchrun checks run
-# one process per GPU, i.e. one: NCCL cannot put two ranks on one GPU, so the multi-rank paths are
-# covered there by the CPU tests (tests/test_distributed.py, gloo) and need a machine with 2+ GPUs.
+# Logs: $OUT (when set) or /tmp/gpu_check, one file per check. The torchrun checks run one rank per GPU
+# (NCCL) where there are several, and 2 ranks sharing the GPU (distributed.backend=gloo: NCCL cannot put
+# two ranks on one GPU) where there is one. scripts/dist_check.py checks figures there: the chosen pairs
+# equal the one-process run's, the eval loss finite and falling, the weights (fp32) within 1e-4, for
+# DDP/FSDP x LoRA/full fine-tune x bf16/fp32, each run killed at step 2 and resumed (FSDP: on the same
+# ranks and alone).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -27,7 +30,9 @@ mkdir -p "$LOGS" && rm -rf "$RUNS" && mkdir -p "$RUNS"
 "$PY" -c "import sys; sys.path.insert(0, 'tests'); from conftest import write_synthetic_pairs; write_synthetic_pairs('$RUNS/pairs.jsonl', 512)"
 GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
 DEVICE=$("$PY" -c "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu (no GPU found)')" 2>/dev/null)
-NPROC=$(( GPUS > 0 ? GPUS : 2 ))
+NPROC=$(( GPUS > 1 ? GPUS : 2 ))
+BACKEND=()                                 # one GPU: two ranks share it through gloo
+[ "$GPUS" -eq 1 ] && BACKEND=(distributed.backend=gloo)
 SUMMARY=()
 
 # A GPU-sized tiny Llama (about 25M parameters) on 512 synthetic pairs; 64 labels, 2 evals.
@@ -44,7 +49,7 @@ check() {   # check NAME COMMAND...: run it, keep its log, add one summary line 
   local start=$SECONDS status
   if timeout "${LIMIT:-300}" "$@" >"$LOGS/$name.log" 2>&1; then status=ok; else status="FAILED (exit $?)"; fi
   local figures
-  figures=$(grep -a -E "^steps [0-9]+|loss/eval |win_rate/win_rate |^\| [0-9]+ \||naive / ours =|selection reproducibility|greedy agreement|log-prob guard|tokens/s" "$LOGS/$name.log" \
+  figures=$(grep -a -E "^steps [0-9]+|loss/eval |win_rate/win_rate |^\| [0-9]+ \||naive / ours =|selection reproducibility|greedy agreement|log-prob guard|tokens/s|^dist_check:" "$LOGS/$name.log" \
             | tr -s ' ' | tr '\n' ';' | cut -c1-400)
   SUMMARY+=("$(printf '%-22s %-16s %4d s  %s' "$name" "$status" $((SECONDS - start)) "$figures")")
   [ "$status" = ok ] || tail -n 5 "$LOGS/$name.log" | sed "s/^/    $name: /"
@@ -54,12 +59,10 @@ check qlora_dpo        "$PY" -u train.py "${TINY[@]}" "${HH[@]}" qlora=true exp_
 check bf16_dpo         "$PY" -u train.py "${TINY[@]}" "${HH[@]}" model.policy_dtype=bfloat16 model.reference_dtype=bfloat16 exp_name=gpu_bf16
 check offline_ae       "$PY" -u train.py "${TINY[@]}" "${HH[@]}" lora=true active=true selection_strategy=ae exp_name=gpu_ae
 check online_borda     "$PY" -u train.py "${TINY[@]}" "${HAIKU[@]}" selection_strategy=borda exp_name=gpu_borda
-check torchrun_ddp     "$PY" -m torch.distributed.run --nproc_per_node=$NPROC train.py "${TINY[@]}" "${HH[@]}" lora=true \
-                       active=true selection_strategy=ae distributed.strategy=ddp exp_name=gpu_ddp
-check torchrun_fsdp    "$PY" -m torch.distributed.run --nproc_per_node=$NPROC train.py "${TINY[@]}" "${HH[@]}" \
-                       active=true selection_strategy=ae distributed.strategy=fsdp exp_name=gpu_fsdp
+LIMIT=600 check torchrun_matrix "$PY" scripts/dist_check.py --nproc $NPROC --work "$RUNS/dist_check" -- \
+                       "${TINY[@]}" "${HH[@]}" "${BACKEND[@]}"
 check torchrun_borda   "$PY" -m torch.distributed.run --nproc_per_node=$NPROC train.py "${TINY[@]}" "${HAIKU[@]}" \
-                       selection_strategy=borda distributed.strategy=fsdp exp_name=gpu_fsdp_borda
+                       selection_strategy=borda distributed.strategy=fsdp "${BACKEND[@]}" exp_name=gpu_fsdp_borda
 BENCH=(--model tiny --data tests/fixtures/hh.jsonl --cache-dir "$RUNS/cache")
 if [ "$GPUS" -gt 0 ]; then
   check bench_selection "$PY" scripts/bench_selection.py --device cuda "${BENCH[@]}" --pairs 16 --prompt-len 64 --response-len 64
@@ -75,3 +78,4 @@ fi
 echo
 echo "==== gpu_check: $DEVICE, $GPUS GPU(s), torch $("$PY" -c 'import torch; print(torch.__version__)'), logs in $LOGS ===="
 printf '%s\n' "${SUMMARY[@]}"
+grep -a -E "^[a-z0-9_]+ \([0-9]+ ranks, killed" "$LOGS/torchrun_matrix.log" | sed 's/^/  /'

@@ -89,3 +89,13 @@ def test_bench_scaling(monkeypatch, capsys, tmp_path):
                      "--prompt-len", "6", "--response-len", "6", "--warmup", "0", "--repeats", "1", "--strategy", "fsdp")
     assert out.count("1 process(es): scoring") == 2 and "2 process(es): scoring" in out
     assert "\n| 2 | " in out and "one-process drift" in out
+
+
+def test_bench_online(monkeypatch, capsys, tmp_path):
+    """The demo's online step, old path against new, on the tiny model with LoRA: both paths' greedy answers
+    agree before anything is timed, and both paths train."""
+    out = run_script(monkeypatch, capsys, "bench_online", "--cache-dir", str(tmp_path), "--threads", "1", "--steps", "1",
+                     "--blocks", "3", "--set", "model=tiny", "--set", "generation.max_new_tokens=6",
+                     "--set", "batch_size=2", "--set", "eval_batch_size=2", "--set", f"local_dirs=[{tmp_path}/runs]")
+    assert "greedy outputs unchanged: yes (4 prompts, policy and reference)" in out
+    assert re.search(r"^old  \|.*\nnew  \|", out, re.M) and re.search(r"^online step speed-up = \d+\.\d\dx$", out, re.M)

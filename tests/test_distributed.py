@@ -7,6 +7,7 @@ CPU) through tests/dist_entry.py, which records the training batches and can mak
 import glob
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -44,15 +45,8 @@ def batches(out):
 
 
 def weights(run_dir):
-    latest = os.path.join(run_dir, "LATEST")
-    if os.path.exists(os.path.join(latest, "policy.pt")):
-        return torch.load(os.path.join(latest, "policy.pt"), weights_only=True)
-    if os.path.isdir(os.path.join(latest, "sharded")):
-        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-        dcp_to_torch_save(os.path.join(latest, "sharded"), os.path.join(run_dir, "gathered.pt"))
-        return torch.load(os.path.join(run_dir, "gathered.pt"), weights_only=True)["model"]
-    from safetensors.torch import load_file
-    return load_file(os.path.join(latest, "adapter", "adapter_model.safetensors"))
+    from checkpoints import read_weights
+    return read_weights(os.path.join(run_dir, "LATEST"))
 
 
 def max_difference(a, b) -> float:
@@ -300,6 +294,44 @@ def test_fsdp_with_qlora_and_unknown_strategies_are_one_line_errors(monkeypatch)
         check_config(compose_config(["exp_name=x", "qlora=true", "distributed.strategy=fsdp"]))
     with pytest.raises(ConfigError, match="distributed.strategy=zero3 is unknown; allowed: ddp, fsdp"):
         check_config(compose_config(["exp_name=x", "distributed.strategy=zero3"]))
+    with pytest.raises(ConfigError, match="distributed.backend=mpi is unknown; allowed: nccl, gloo"):
+        check_config(compose_config(["exp_name=x", "distributed.backend=mpi"]))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_nccl_without_a_gpu_is_one_line_on_every_rank(tmp_path):
+    pairs = write_synthetic_pairs(tmp_path / "pairs.jsonl")
+    proc = launch(tmp_path, 2, tiny_overrides(tmp_path, f"datasets=[{pairs}]", *OFFLINE, "distributed.backend=nccl"), timeout=120)
+    assert proc.returncode != 0
+    assert re.search(r"^error: rank [01] of 2: distributed.backend=nccl needs CUDA, and no GPU is visible; use gloo "
+                     r"\(or null\) on CPU$", proc.stderr, re.M), proc.stderr[-3000:]
+
+
+def test_dist_check_reads_figures_of_each_case(tmp_path):
+    """scripts/dist_check.py (what gpu_check.sh runs on GPUs) on CPU: a killed 2-rank run resumed on 2 ranks
+    and alone, compared with the one-process run by its chosen pairs, eval loss and weights; a case whose
+    figures are off fails (here: a weight tolerance no run meets)."""
+    pairs = write_synthetic_pairs(tmp_path / "pairs.jsonl", 128)
+    settings = [*tiny_overrides(tmp_path, f"datasets=[{pairs}]", "batch_size=8", "n_examples=32", "eval_every=16",
+                                "n_eval_examples=32")]
+    settings = [o for o in settings if not o.startswith("local_dirs=")]
+    command = [sys.executable, os.path.join(ROOT, "scripts", "dist_check.py"), "--cases", "fsdp_full_fp32",
+               "ddp_lora_bf16", "--work", str(tmp_path / "work"), "--", *settings]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=400, env={**os.environ, **ENV})
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert any(line.startswith("fsdp_full_fp32 (2 ranks, killed at step 2, resumed on 1): pairs 4/4 steps as alone")
+               and line.endswith(": ok") for line in lines), proc.stdout
+    assert any(line.startswith("ddp_lora_bf16 (2 ranks, killed at step 2, resumed on 2)") and "first step same" in line
+               for line in lines), proc.stdout
+    assert lines[-1] == "dist_check: 2/2 cases pass (none failed)"
+
+    # the 2-rank fp32 weights differ from one process's by ~1e-6 (summation order): no tolerance fails the case
+    strict = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, 'scripts'); import dist_check; "
+                             "dist_check.TOLERANCE = 0.0; sys.argv = sys.argv[1:]; dist_check.main()",
+                             "dist_check.py", *command[2:4], "--work", str(tmp_path / "strict"), "--", *settings],
+                            cwd=ROOT, capture_output=True, text=True, timeout=400, env={**os.environ, **ENV})
+    assert strict.returncode == 1 and "dist_check: 0/1 cases pass (fsdp_full_fp32)" in strict.stdout, strict.stdout
 
 
 def test_sbatch_files_parse():

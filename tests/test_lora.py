@@ -72,7 +72,7 @@ def test_shared_reference_dpo_matches_two_copy_dpo(tmp_path, pairs):
     batch = collate(elements, tokenizer.pad_token_id)
     cfg = OmegaConf.create({"loss": {"name": "dpo", "beta": 0.1, "reference_free": False}, "optimizer": "SGD", "lr": 0.1,
                             "warmup_steps": 0, "gradient_accumulation_steps": 1, "max_grad_norm": 1e9,
-                            "train_dropout": False, "eval_every": 100, "online": False})
+                            "train_dropout": False, "activation_checkpointing": False, "eval_every": 100, "online": False})
     results = []
     for reference in (Reference(policy), Reference(policy, frozen_copy)):
         trainer = BasicTrainer(policy, reference, tokenizer, cfg, str(tmp_path), None, None, None, "cpu")

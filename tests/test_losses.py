@@ -147,10 +147,59 @@ def test_gradient_accumulation_with_unequal_microbatches_equals_one_batch(tokeni
         before = torch.cat([p.detach().flatten().clone() for p in policy.parameters()])
         cfg = OmegaConf.create({"loss": {"name": "dpo", "beta": 0.1, "reference_free": False}, "optimizer": "SGD", "lr": 1.0,
                                 "warmup_steps": 0, "gradient_accumulation_steps": accumulation, "max_grad_norm": 1e9,
-                                "train_dropout": False, "do_first_eval": False, "eval_every": 100, "online": False})
+                                "train_dropout": False, "activation_checkpointing": False, "do_first_eval": False,
+                                "eval_every": 100, "online": False})
         trainer = BasicTrainer(policy, Reference(policy, reference), tokenizer, cfg, "/tmp", None, None, None, "cpu")
         losses.append(trainer.train_step(dict(batch))["loss/train"])
         updates.append(torch.cat([p.detach().flatten() for p in policy.parameters()]) - before)
     assert updates[0].abs().max() > 1e-3
     assert losses[0] == pytest.approx(losses[1], abs=1e-6)   # the logged loss is the mean over all n pairs
     assert torch.allclose(updates[0], updates[1], atol=1e-6, rtol=0)
+
+
+def test_chosen_and_rejected_read_their_prompt_once_with_the_same_loss_and_gradients(tokenizer):
+    """In one process the DPO step runs the trunk once over each prompt and continues both responses
+    from its cache: the loss, the reference log-probs and every gradient are those of whole sequences,
+    while the trunk reads fewer tokens. Responses of unequal lengths (right padding) included."""
+    from omegaconf import OmegaConf
+    from trainers import BasicTrainer
+    from scoring import Reference
+    torch.manual_seed(5)
+    n, prompt, t = 4, 6, 12
+    chosen = torch.randint(3, len(tokenizer), (n, t))
+    rejected = torch.randint(3, len(tokenizer), (n, t))
+    rejected[:, :prompt] = chosen[:, :prompt]
+    masks = {"chosen": torch.ones(n, t, dtype=torch.long), "rejected": torch.ones(n, t, dtype=torch.long)}
+    masks["rejected"][0, 9:] = 0      # a shorter rejected response, padded on the right
+    masks["chosen"][2, 10:] = 0
+    batch = {}
+    for key, ids in (("chosen", chosen), ("rejected", rejected)):
+        labels = ids.masked_fill(masks[key] == 0, -100)
+        labels[:, :prompt] = -100
+        batch.update({f"{key}_input_ids": ids.masked_fill(masks[key] == 0, tokenizer.pad_token_id),
+                      f"{key}_attention_mask": masks[key], f"{key}_labels": labels})
+    cfg = OmegaConf.create({"loss": {"name": "dpo", "beta": 0.1, "reference_free": False}, "optimizer": "SGD", "lr": 1.0,
+                            "warmup_steps": 0, "train_dropout": False, "activation_checkpointing": False,
+                            "eval_every": 100, "online": False})
+    results = {}
+    for share in (False, True):
+        policy = make_tiny_model(tokenizer, seed=3)
+        trainer = BasicTrainer(policy, Reference(policy, make_tiny_model(tokenizer, seed=4)), tokenizer, cfg, "/tmp",
+                               None, None, None, "cpu")
+        assert trainer.share_prompts
+        trainer.share_prompts = share
+        read = []
+        hook = policy.model.register_forward_hook(lambda m, args, kwargs, out: read.append(kwargs["input_ids"].numel()),
+                                                  with_kwargs=True)
+        policy.train()
+        loss, metrics = trainer.batch_metrics({k: v.clone() for k, v in batch.items()}, train=True)
+        loss.backward()
+        hook.remove()
+        results[share] = (loss.item(), metrics, {k: p.grad.clone() for k, p in policy.named_parameters()}, sum(read))
+    (loss_a, metrics_a, grads_a, read_a), (loss_b, metrics_b, grads_b, read_b) = results[False], results[True]
+    assert loss_b == pytest.approx(loss_a, abs=1e-6)
+    for key in metrics_a:
+        assert torch.allclose(metrics_a[key], metrics_b[key], atol=1e-5), key
+    assert max(float((grads_a[k] - grads_b[k]).abs().max()) for k in grads_a) < 1e-6
+    assert max(float(g.abs().max()) for g in grads_a.values()) > 1e-4
+    assert read_b < read_a

@@ -523,14 +523,13 @@ def test_generation_scoring_and_training_share_one_prompt_context(tmp_path, monk
     """A prompt longer than max_prompt_length is cut once: the tokens the policy generated from are
     the prompt tokens of the pair it is trained on (and, for Borda, scored on)."""
     import generation
-    import evaluation   # noqa: F401  (binds the real sample_responses first: eval prompts must not count as generated-from)
     from trainers import BasicTrainer
     generated_from, trained_on = set(), []
-    original_sample, original_metrics = generation.sample_responses, BasicTrainer.batch_metrics
+    original_decode, original_metrics = generation.decode, BasicTrainer.batch_metrics
 
-    def sample(model, tokenizer, prompt_ids, *args, **kwargs):
+    def decode(model, prompt_ids, *args, **kwargs):   # the online samples (eval answers use sample_responses)
         generated_from.update(tuple(p) for p in prompt_ids)
-        return original_sample(model, tokenizer, prompt_ids, *args, **kwargs)
+        return original_decode(model, prompt_ids, *args, **kwargs)
 
     def metrics(self, batch, train):
         if train:
@@ -538,7 +537,7 @@ def test_generation_scoring_and_training_share_one_prompt_context(tmp_path, monk
                 trained_on.append(tuple(i for i, label in zip(ids, labels) if label == -100 and i != self.tokenizer.pad_token_id))
         return original_metrics(self, batch, train)
 
-    monkeypatch.setattr(generation, "sample_responses", sample)
+    monkeypatch.setattr(generation, "decode", decode)
     monkeypatch.setattr(BasicTrainer, "batch_metrics", metrics)
     ratio = "selection_ratio=1" if strategy == "uniref" else "selection_ratio=2"
     run(compose_config(tiny_overrides(
@@ -725,16 +724,15 @@ def test_online_jeopardy_ties_are_dropped_and_counted(tmp_path, monkeypatch):
     """JeopardyJudge: an abstention beats a wrong answer (a label), two wrong answers tie (no label). The
     policy's sampled answers alternate between the two cases; the reference always answers wrong."""
     import generation
-    import evaluation   # binds the real sample_responses for the eval answers before the loop's is replaced
     calls = []
 
-    def sample(model, tokenizer, prompt_ids, n, generation, device, **kwargs):
+    def sample(self, model, prompt_ids, n, roles, adapter_names=None):   # the online loop's texts per call
         calls.append(len(prompt_ids))
-        if len(calls) % 2:   # the policy samples first in each step, then the reference
+        if roles[0] == "policy":   # the policy samples first in each step, then the reference
             return [["" if (sum(calls[:-1]) // 2 + i) % 2 == 0 else "qqq"] * n for i in range(len(prompt_ids))]
         return [["zzz"] * n for _ in prompt_ids]
 
-    monkeypatch.setattr(generation, "sample_responses", sample)
+    monkeypatch.setattr(generation.Generator, "_decode", sample)
     trained = record_trained_pairs(monkeypatch)
     summary = run(compose_config(tiny_overrides(
         tmp_path, "datasets=[jeopardy]", f"dataset_files.jeopardy={ROOT}/tests/fixtures/jeopardy.json", "loss=dpo",
@@ -749,7 +747,6 @@ def test_online_jeopardy_ties_are_dropped_and_counted(tmp_path, monkeypatch):
     assert len(ties) == 3 and all(r["error"] == "tie" and {r["response_a"], r["response_b"]} == {"qqq", "zzz"} for r in ties)
     assert [(c, r) for _, c, r in trained] == [("", "zzz")] * 4
     assert all((r["response_a"], r["response_b"]) in (("", "zzz"), ("qqq", "zzz")) for r in ledger)   # A: policy
-    assert evaluation.sample_responses is not sample
     last = [r for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if r.get("split") == "train"][-1]
     assert last["counters/labels_bought"] == 4 and last["counters/oracle_failures"] == 3
     check_labels_against_ledger(ledger, trained)
@@ -840,7 +837,6 @@ def test_online_borda_with_a_separate_reference_model_keeps_it_frozen(tmp_path, 
     """Full fine-tuning (no LoRA): the reference is a second model; its samples come from that model,
     its weights never change while the policy's do."""
     import generation
-    import evaluation   # noqa: F401  (binds the real sample_responses for the eval answers first)
     from trainers import BasicTrainer
     held = {}
     original_train = BasicTrainer.train
@@ -852,14 +848,14 @@ def test_online_borda_with_a_separate_reference_model_keeps_it_frozen(tmp_path, 
         return original_train(self)
 
     samplers = []
-    original_sample = generation.sample_responses
+    original_decode = generation.decode
 
-    def sample(model, *args, **kwargs):
+    def decode(model, *args, **kwargs):
         samplers.append(model)
-        return original_sample(model, *args, **kwargs)
+        return original_decode(model, *args, **kwargs)
 
     monkeypatch.setattr(BasicTrainer, "train", train)
-    monkeypatch.setattr(generation, "sample_responses", sample)
+    monkeypatch.setattr(generation, "decode", decode)
     summary = run(compose_config(tiny_overrides(tmp_path, *HAIKU_ONLINE, "exp_name=sep", "selection_strategy=borda",
                                                 "selection_ratio=2", "num_action_samples=2", "batch_size=2", "n_examples=4",
                                                 "lr=1e-2")))

@@ -23,7 +23,7 @@ from vllm_backend import ADAPTER_DIR, VLLMGenerator, logprob_gap, request_sampli
 
 def generation_config(url="http://127.0.0.1:9", **kw):
     base = {"backend": "vllm", "temperature": 0.0, "top_p": 1.0, "top_k": 0, "max_new_tokens": 12,
-            "prompts_per_call": 3, "joint_roles": True,
+            "prompts_per_call": 3, "joint_roles": True, "keep_states": True,
             "vllm": {"url": url, "timeout_s": 30, "logprob_tolerance": 1e-3}}
     return OmegaConf.create({**base, **kw})
 
