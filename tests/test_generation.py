@@ -125,12 +125,23 @@ def test_decode_gives_generates_greedy_tokens_and_leaves_rows_at_eos(lora_policy
             counts[t] = counts.get(t, 0) + 1
     eos = max(counts, key=counts.get)       # a token inside some answers: they end there
     names = ["default", BASE_ADAPTER, "default", BASE_ADAPTER]
+    trunk = policy.get_base_model().model
     for adapter_names in (None, names):
+        calls = []   # (rows, tokens) the trunk reads per forward
+        hook = trunk.register_forward_hook(lambda m, args, kwargs, out: calls.append(tuple(kwargs["input_ids"].shape)),
+                                           with_kwargs=True)
         ours = decode(policy, ids, 2, generation_config(max_new_tokens=limit), eos, pad, "cpu", adapter_names=adapter_names)
+        hook.remove()
         theirs = _generate_greedy(policy, [p for p in ids for _ in range(2)], limit, eos, pad,
                                   None if adapter_names is None else [a for a in adapter_names for _ in range(2)])
         assert ours.tokens == theirs
         assert any(len(r) < limit for r in ours.tokens) and any(len(r) == limit for r in ours.tokens)
+        steps = [rows for rows, width in calls if width == 1]
+        assert steps[0] == 2 * len(ids) and steps[-1] < steps[0], steps    # rows that sampled EOS left the batch
+        if shared_start:   # the common start once per adapter, then each prompt's rest
+            adapters = 1 if adapter_names is None else 2
+            assert calls[0] == (adapters, common_prefix_length(ids))
+            assert calls[1] == (len(ids), max(len(p) for p in ids) - common_prefix_length(ids))
 
 
 @pytest.mark.parametrize("shared_start", [False, True])
